@@ -1,0 +1,28 @@
+"""gedi-nesy: GEDI networks (energy-based model + self-supervised clustering) as DeepProbLog
+neural predicates, trained jointly with the logic loss.
+
+Public API:
+    GEDINet         the network: cluster logits, concept probabilities, energy
+    LogicModel      a ProbLog program with its neural predicates, exact inference
+    JointTrainer    logic loss + GEDI losses, one batched forward, one backward per step
+    load_config     typed YAML configs with overrides
+    load_images     MNIST / Fashion-MNIST from raw IDX files
+"""
+
+from gedi_nesy.bridge import LogicModel
+from gedi_nesy.config import GediRunConfig, NesyRunConfig, load_config
+from gedi_nesy.data import load_images
+from gedi_nesy.errors import GediNesyError
+from gedi_nesy.nets import GEDINet
+from gedi_nesy.trainer import JointTrainer
+
+__all__ = [
+    "GEDINet",
+    "GediNesyError",
+    "GediRunConfig",
+    "JointTrainer",
+    "LogicModel",
+    "NesyRunConfig",
+    "load_config",
+    "load_images",
+]

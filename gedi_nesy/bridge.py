@@ -1,0 +1,585 @@
+"""DeepProbLog glue: neural predicates that look up rows of a probability table.
+
+The trainer runs ONE batched forward ``probs = softmax(net(images))`` (n, K) per network over all
+images of a minibatch and hands the rows to :class:`LogicModel` as a :class:`ProbabilityTable`
+keyed by the images' tensor terms (``tensor(train(17))``). The DeepProbLog network registered
+under the predicate's name only looks rows up, so the logic loss and the GEDI losses share one
+autograd graph, BatchNorm sees the whole batch, and no image passes through DeepProbLog.
+
+For ``nn(Net, [X], Y, [d_0, ..., d_{K-1}]) :: p(X, Y).``, column j of the table is
+``P(p(X, d_j))``: the j-th element of the domain list.
+
+This module and ``trainer.py`` are the only library modules that import deepproblog / problog.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from deepproblog.engines import ExactEngine
+from deepproblog.model import Model
+from deepproblog.network import Network
+from deepproblog.query import Query
+from deepproblog.semiring.graph_semiring import GraphSemiring
+from deepproblog.solver import Solver
+from problog.errors import ParseError
+from problog.logic import Clause, Constant, Or, Term, is_list, term2list
+from problog.program import PrologString
+
+from gedi_nesy.errors import DataError, ProgramError
+
+__all__ = [
+    "ExactZeroSemiring",
+    "LogicModel",
+    "NeuralDeclaration",
+    "ProbabilityTable",
+    "QueryProbs",
+    "check_program",
+    "parse_neural_declarations",
+    "term_value",
+]
+
+
+# --------------------------------------------------------------------------- program checks
+
+
+@dataclass(frozen=True)
+class NeuralDeclaration:
+    """One ``nn(Net, [X], Y, Domain) :: p(...)`` statement of a program.
+
+    Attributes:
+        network: network name (the first argument of nn/4).
+        predicate: name of the neural predicate (``digit`` in ``digit(X, Y)``).
+        arity: arity of the neural predicate.
+        domain: the domain list as Python values (int / float for numbers, str otherwise);
+            column j of the network's output is ``domain[j]``.
+        line: line of the statement in the program text (1-based).
+    """
+
+    network: str
+    predicate: str
+    arity: int
+    domain: list[Any]
+    line: int
+
+
+def term_value(term: Term) -> Any:
+    """A ground ProbLog term as a Python value: ``3`` -> 3, ``1.5`` -> 1.5, ``a`` -> "a".
+
+    Args:
+        term: a ground term (a number, a string or atom, or a compound term).
+
+    Returns:
+        int or float for numbers, the string for quoted strings, ``str(term)`` otherwise.
+    """
+    if isinstance(term, Constant):
+        return term.value
+    return str(term)
+
+
+def _statements(program_text: str, source: str) -> Iterator[tuple[Any, int]]:
+    """Each parsed statement with its line; a parse error becomes a one-line ProgramError."""
+    program = PrologString(program_text)
+    try:
+        for statement in program:
+            location = getattr(statement, "location", None)
+            position = program.lineno(location[1]) if location else None
+            yield statement, (position[1] if position else 0)
+    except ParseError as error:
+        line, column = error.location[1:] if isinstance(error.location, tuple) else ("?", "?")
+        raise ProgramError(
+            f"{source}:{line}:{column}: {error.base_message}; fix the ProbLog syntax there"
+        ) from None
+
+
+def _annotated_heads(statement: Any) -> list[Term]:
+    """The heads that can carry a probability annotation in one statement."""
+    if isinstance(statement, Clause):
+        return [statement.head]
+    if isinstance(statement, Or):
+        return list(statement.to_list())
+    return [statement] if isinstance(statement, Term) else []
+
+
+def _declaration(head: Term, in_disjunction: bool, source: str, line: int) -> NeuralDeclaration:
+    """Check the form of one nn-annotated head and describe it."""
+    nn = head.probability
+    where = f"{source}:{line}: {nn}::{head.with_probability(None)}"
+    if nn.arity != 4:
+        raise ProgramError(
+            f"{where} is nn/{nn.arity}; gedi_nesy serves nn/4 only, written "
+            f"nn(Net, [X], Y, [d0, ..., dK]) :: p(X, Y)"
+        )
+    if in_disjunction:
+        raise ProgramError(f"{where} sits in a ';' disjunction; write each nn/4 as its own fact")
+    network, inputs, _, domain = nn.args
+    if not is_list(inputs) or len(term2list(inputs, False)) != 1:
+        raise ProgramError(
+            f"{where} has inputs {inputs}; a lookup table serves one input per nn/4, "
+            f"write nn({network}, [X], Y, Domain)"
+        )
+    if not is_list(domain) or not domain.is_ground():
+        raise ProgramError(f"{where} has domain {domain}; write a ground list such as [0, 1, 2]")
+    return NeuralDeclaration(
+        network=str(network),
+        predicate=str(head.functor),
+        arity=head.arity,
+        domain=[term_value(d) for d in term2list(domain, False)],
+        line=line,
+    )
+
+
+def parse_neural_declarations(
+    program_text: str, source: str = "<program>"
+) -> list[NeuralDeclaration]:
+    """Parse a ProbLog program and list its neural predicates.
+
+    Args:
+        program_text: the program.
+        source: file name used in error messages.
+
+    Returns:
+        One :class:`NeuralDeclaration` per nn/4 statement, in program order.
+
+    Raises:
+        ProgramError: the program does not parse (the message gives file, line and column), or an
+            nn annotation is not of the form ``nn(Net, [X], Y, [d0, ..., dK]) :: p(...)``.
+    """
+    declarations = []
+    for statement, line in _statements(program_text, source):
+        heads = _annotated_heads(statement)
+        for head in heads:
+            p = head.probability
+            if isinstance(p, Term) and p.functor == "nn":
+                in_disjunction = isinstance(statement, Or)
+                declarations.append(_declaration(head, in_disjunction, source, line))
+    return declarations
+
+
+def _learnable_probability_lines(program_text: str, source: str) -> list[int]:
+    """Lines with a ``t(...)`` learnable probability (DeepProbLog's optimizer never updates them)."""
+    lines = []
+    for statement, line in _statements(program_text, source):
+        for head in _annotated_heads(statement):
+            p = head.probability
+            if isinstance(p, Term) and p.functor == "t":
+                lines.append(line)
+    return lines
+
+
+def check_program(
+    program_text: str, networks: Mapping[str, int], source: str = "<program>"
+) -> list[NeuralDeclaration]:
+    """Check that a program's nn/4 statements match the registered networks.
+
+    Args:
+        program_text: the program.
+        networks: registered network name -> its number of outputs K.
+        source: file name used in error messages.
+
+    Returns:
+        The program's neural declarations, in program order.
+
+    Raises:
+        ProgramError: the program does not parse; an nn/4 names a network that is not
+            registered; a registered network is used by no nn/4; a domain's size differs from
+            the network's K; the program has ``t(...)`` learnable probabilities.
+    """
+    declarations = parse_neural_declarations(program_text, source)
+    registered = sorted(networks)
+    for d in declarations:
+        if d.network not in networks:
+            raise ProgramError(
+                f"{source}:{d.line}: nn/4 for {d.predicate}/{d.arity} uses network "
+                f"'{d.network}', which is not registered; registered: {registered}. "
+                f"Register it or rename the network in the program"
+            )
+        k = networks[d.network]
+        if len(d.domain) != k:
+            raise ProgramError(
+                f"{source}:{d.line}: network '{d.network}' has K = {k} outputs but the domain "
+                f"of {d.predicate}/{d.arity} has {len(d.domain)} values {d.domain}; make them equal"
+            )
+    used = {d.network for d in declarations}
+    for name in registered:
+        if name not in used:
+            raise ProgramError(
+                f"{source}: network '{name}' is registered but no nn/4 uses it; the program's "
+                f"networks are {sorted(used)}. Unregister it or add an nn({name}, [X], Y, [...]) "
+                f":: p(X, Y) statement"
+            )
+    learnable = _learnable_probability_lines(program_text, source)
+    if learnable:
+        raise ProgramError(
+            f"{source}:{learnable[0]}: t(...) learnable probabilities are not trained by "
+            f"gedi_nesy; write fixed probabilities or a neural predicate instead"
+        )
+    return declarations
+
+
+# --------------------------------------------------------------------------- semiring
+
+
+def _is_exact(a: Any, value: float) -> bool:
+    """Whether ``a`` is the plain float ``value`` (a tensor never is: it carries a gradient)."""
+    return type(a) is float and a == value
+
+
+class ExactZeroSemiring(GraphSemiring):
+    """DeepProbLog's GraphSemiring with exact-zero and exact-one shortcuts on plain floats.
+
+    Stock 2.1.0 keeps ``x * 0.0`` as a tensor in the autograd graph; the SDD walk creates many
+    of them (negated deterministic literals, smoothing), so the graph grows 10-55x and training
+    runs 2-3.6x slower. Returning the float 0.0 instead gives identical probabilities and
+    gradients: d(x * 0)/dx = 0. Only plain floats are shortcut, never a tensor that happens to
+    hold 0 or 1 (its gradient need not be 0).
+    """
+
+    def plus(self, a: Any, b: Any) -> Any:
+        if _is_exact(b, 0.0):
+            return a
+        if _is_exact(a, 0.0):
+            return b
+        return a + b
+
+    def times(self, a: Any, b: Any) -> Any:
+        if _is_exact(a, 0.0) or _is_exact(b, 0.0):
+            return 0.0
+        if _is_exact(b, 1.0):
+            return a
+        if _is_exact(a, 1.0):
+            return b
+        return a * b
+
+    def is_one(self, a: Any) -> bool:
+        return 1.0 - self.eps <= float(_detach(a)) <= 1.0 + self.eps
+
+    def is_zero(self, a: Any) -> bool:
+        return -self.eps <= float(_detach(a)) <= self.eps
+
+
+def _detach(a: Any) -> Any:
+    return a.detach() if isinstance(a, torch.Tensor) else a
+
+
+# --------------------------------------------------------------------------- lookup tables
+
+
+@dataclass(frozen=True)
+class ProbabilityTable:
+    """Rows of ``p(y|x)`` for a set of inputs, keyed by their tensor terms.
+
+    Attributes:
+        keys: one term per row, e.g. ``tensor(train(17))``; distinct.
+        probs: shape (n, K); row i is the distribution of ``keys[i]`` over the nn/4 domain.
+    """
+
+    keys: Sequence[Term]
+    probs: torch.Tensor
+    index: dict[Term, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.probs.dim() != 2 or self.probs.shape[0] != len(self.keys):
+            raise DataError(
+                f"ProbabilityTable got {len(self.keys)} keys and probs of shape "
+                f"{tuple(self.probs.shape)}; probs must be (n_keys, K), one row per key"
+            )
+        index = {key: i for i, key in enumerate(self.keys)}
+        if len(index) != len(self.keys):
+            raise DataError(
+                f"ProbabilityTable got {len(self.keys)} keys but only {len(index)} distinct; "
+                f"give each input once"
+            )
+        object.__setattr__(self, "index", index)
+
+
+class _LookupNetwork(Network):
+    """A DeepProbLog network that returns rows of the bound :class:`ProbabilityTable`."""
+
+    def __init__(self, name: str, k: int) -> None:
+        super().__init__(torch.nn.Identity(), name)
+        self.k_outputs = k
+        self._table: ProbabilityTable | None = None
+        self._probs: torch.Tensor | None = None
+        self._rows: dict[Term, tuple[torch.Tensor, ...]] = {}
+
+    def bind(self, table: ProbabilityTable | None, device: torch.device) -> None:
+        self._table = table
+        self._probs = None if table is None else table.probs.to(device)  # (n, K), keeps autograd
+        self._rows = {}
+
+    def __call__(self, to_evaluate: list) -> list:
+        return [self._row(inputs[0]) for inputs in to_evaluate]
+
+    def _row(self, key: Term) -> tuple[torch.Tensor, ...]:
+        if key in self._rows:
+            return self._rows[key]
+        if self._table is None:
+            raise DataError(
+                f"a query needs network '{self.name}' for {key}, but no probability table was "
+                f"given for it; pass tables={{'{self.name}': ProbabilityTable(...)}}"
+            )
+        i = self._table.index.get(key)
+        if i is None:
+            raise DataError(
+                f"the probability table of network '{self.name}' has no row for {key} "
+                f"({len(self._table.keys)} keys); forward every input the queries refer to"
+            )
+        row = self._probs[i].unbind(0)  # K scalars of (K,); the semiring indexes row[j]
+        self._rows[key] = row
+        return row
+
+
+# --------------------------------------------------------------------------- logic model
+
+
+class QueryProbs(NamedTuple):
+    """Probabilities of a batch of queries.
+
+    Attributes:
+        probs: P(query), shape (Q,) (or (Q, A) over an answer domain); 0 where unprovable.
+        provable: whether each query has at least one proof, shape (Q,), bool.
+    """
+
+    probs: torch.Tensor
+    provable: torch.Tensor
+
+    @property
+    def n_unprovable(self) -> int:
+        return int((~self.provable).sum())
+
+
+def _program_text(program: str | os.PathLike[str]) -> tuple[str, str]:
+    """(text, source name) of a program given as a file path or as text."""
+    if isinstance(program, os.PathLike):
+        path = Path(program)
+        if not path.is_file():
+            raise ProgramError(f"program file {path} does not exist; give a path to a .pl file")
+        return path.read_text(), str(path)
+    if program.strip().endswith(".pl") and "\n" not in program.strip():
+        raise ProgramError(
+            f"program text {program!r} looks like a file name; pass pathlib.Path({program!r}) "
+            f"for a file, or the program text itself"
+        )
+    return program, "<program>"
+
+
+def _scalars(values: Sequence[Any], like: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """Stack tensors and plain floats (constant probabilities) into one (len,) tensor."""
+    dtype = like.dtype if like is not None else torch.get_default_dtype()
+    items = [
+        v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=dtype, device=device)
+        for v in values
+    ]
+    return torch.stack([v.to(dtype=dtype, device=device) for v in items])  # (len,)
+
+
+class LogicModel:
+    """A ProbLog program with lookup neural predicates, solved by exact inference.
+
+    Owns a DeepProbLog ``Model`` with the exact engine, :class:`ExactZeroSemiring`, and the
+    in-memory circuit cache (``cache=True``; no ``cache_root``: DeepProbLog names cache files by
+    Python's per-process string hash, so an on-disk cache never hits in a new process). The
+    cache is keyed by the query term before substitution: build queries with placeholders and a
+    substitution (``addition(p0, p1, 7)``, ``{p0: tensor(train(3)), ...}``) and every query of
+    the same shape shares one compiled circuit.
+
+    DeepProbLog's tensor builtins (``add/3``, ``mul/3``, ``less_than/2``, ...) are not
+    registered: lookup networks never see tensors, and ``add/3`` is free for programs.
+
+    Args:
+        program: a ``pathlib.Path`` to a .pl file, or the program text as a ``str``.
+        networks: network name -> number of outputs K; checked by :func:`check_program`.
+        device: where the logic runs; tables are moved there, autograd intact (CPU is fastest
+            for DeepProbLog's scalar ops).
+        sdd_auto_gc: let the SDD library garbage-collect and reorder variables while compiling;
+            keeps multi-digit circuits near-linear in N (default vtree: 15x larger at N = 4).
+    """
+
+    def __init__(
+        self,
+        program: str | os.PathLike[str],
+        networks: Mapping[str, int],
+        *,
+        device: str | torch.device = "cpu",
+        sdd_auto_gc: bool = True,
+    ) -> None:
+        text, self.source = _program_text(program)
+        self.declarations = check_program(text, networks, self.source)
+        self.networks = dict(networks)
+        self.device = torch.device(device)
+        self._lookups = {name: _LookupNetwork(name, k) for name, k in networks.items()}
+        self.model = Model(text, list(self._lookups.values()), load=False)
+        self.model.solver = Solver(
+            self.model,
+            ExactEngine(self.model),
+            semiring=ExactZeroSemiring,
+            cache=True,
+            sdd_auto_gc=sdd_auto_gc,
+        )
+
+    @contextmanager
+    def _bound(self, tables: Mapping[str, ProbabilityTable]) -> Iterator[None]:
+        """Bind the tables to the lookup networks for one solve."""
+        for name, table in tables.items():
+            if name not in self._lookups:
+                raise DataError(
+                    f"got a probability table for '{name}', but the registered networks are "
+                    f"{sorted(self._lookups)}; key tables by network name"
+                )
+            k = self.networks[name]
+            if table.probs.shape[1] != k:
+                raise DataError(
+                    f"the table of '{name}' has {table.probs.shape[1]} columns, the network "
+                    f"has K = {k}; give one column per element of its nn/4 domain"
+                )
+        try:
+            for name, network in self._lookups.items():
+                network.bind(tables.get(name), self.device)
+            yield
+        finally:
+            for network in self._lookups.values():
+                network.bind(None, self.device)
+
+    def query_probs(
+        self, queries: Sequence[Query], tables: Mapping[str, ProbabilityTable]
+    ) -> QueryProbs:
+        """Probability of each ground query, differentiable w.r.t. the tables.
+
+        Args:
+            queries: ground queries (after their substitution).
+            tables: network name -> probability table holding every input the queries refer to.
+
+        Returns:
+            ``QueryProbs(probs (Q,), provable (Q,))``: a query with no proof gets probability 0
+            and ``provable = False``; the caller decides its loss.
+
+        Raises:
+            DataError: a query is not ground, or a table lacks a row a query needs.
+        """
+        for q in queries:
+            if not q.substitute().query.is_ground():
+                raise DataError(
+                    f"query {q.substitute().query} has free variables; query_probs needs ground "
+                    f"queries, use answer_probs or best_answers for an output variable"
+                )
+        with self._bound(tables):
+            results = self.model.solve(list(queries))
+        values, provable = [], []
+        for q, result in zip(queries, results):
+            provable.append(any(node is not None for _, node in result.proof.queries()))
+            values.append(result.result.get(q.substitute().query, 0.0))
+        like = next((v for v in values if isinstance(v, torch.Tensor)), None)
+        probs = _scalars(values, like, self.device)  # (Q,)
+        return QueryProbs(probs, torch.tensor(provable, dtype=torch.bool))
+
+    def answers(
+        self, queries: Sequence[Query], tables: Mapping[str, ProbabilityTable]
+    ) -> list[dict[Term, Any]]:
+        """The distribution over each query's output argument (``Query.output_ind``, one index).
+
+        Args:
+            queries: queries whose output argument is replaced by a variable before solving
+                (its given value is ignored).
+            tables: network name -> probability table, as for :meth:`query_probs`.
+
+        Returns:
+            Per query, answer term -> probability (tensor, or float for a constant); an empty
+            dict when no answer is provable.
+        """
+        for q in queries:
+            if len(q.output_ind) != 1:
+                raise DataError(
+                    f"query {q.query} has output indices {tuple(q.output_ind)}; answers need "
+                    f"exactly one output argument"
+                )
+        open_queries = [q.variable_output() for q in queries]
+        with self._bound(tables):
+            results = self.model.solve(open_queries)
+        out = []
+        for q, result in zip(queries, results):
+            (i,) = q.output_ind
+            out.append({key.args[i]: p for key, p in result.result.items()})
+        return out
+
+    def answer_probs(
+        self,
+        queries: Sequence[Query],
+        domain: Sequence[Any],
+        tables: Mapping[str, ProbabilityTable],
+    ) -> QueryProbs:
+        """The distribution over each query's output argument, as a (Q, A) matrix.
+
+        Args:
+            queries: queries with one output argument (see :meth:`answers`).
+            domain: the A possible answers as Python values (ints for sums); column a is
+                ``domain[a]``.
+            tables: network name -> probability table.
+
+        Returns:
+            ``QueryProbs(probs (Q, A), provable (Q,))``; a row is all zero when no answer is
+            provable.
+
+        Raises:
+            DataError: a provable answer is not in ``domain``.
+        """
+        column = {value: a for a, value in enumerate(domain)}
+        rows, provable, like = [], [], None
+        for q, dist in zip(queries, self.answers(queries, tables)):
+            row: list[Any] = [0.0] * len(domain)
+            for answer, p in dist.items():
+                value = term_value(answer)
+                if value not in column:
+                    raise DataError(
+                        f"query {q.query} has answer {value}, which is not in the answer domain "
+                        f"({len(domain)} values); widen the domain"
+                    )
+                row[column[value]] = p
+                like = p if isinstance(p, torch.Tensor) else like
+            rows.append(row)
+            provable.append(len(dist) > 0)
+        probs = torch.stack([_scalars(r, like, self.device) for r in rows]) if rows else None
+        if probs is None:
+            probs = torch.zeros(0, len(domain), device=self.device)  # (0, A)
+        return QueryProbs(probs, torch.tensor(provable, dtype=torch.bool))  # (Q, A), (Q,)
+
+    def best_answers(
+        self, queries: Sequence[Query], tables: Mapping[str, ProbabilityTable]
+    ) -> list[Term | None]:
+        """The most probable output argument of each query (None where none is provable).
+
+        Args:
+            queries: queries with one output argument (see :meth:`answers`).
+            tables: network name -> probability table.
+
+        Returns:
+            One answer term per query, comparable with ``query.output_values()[0]``.
+        """
+        best: list[Term | None] = []
+        for dist in self.answers(queries, tables):
+            best.append(max(dist, key=lambda a: float(dist[a])) if dist else None)
+        return best
+
+    def referenced_keys(self, queries: Sequence[Query]) -> dict[str, list[Term]]:
+        """The inputs each network is asked about by the queries, from their ground circuits.
+
+        Args:
+            queries: queries with their substitutions (grounded and compiled once, then cached).
+
+        Returns:
+            Network name -> distinct input terms (e.g. ``tensor(train(17))``), first-seen order;
+            networks the queries never reach are absent.
+        """
+        keys: dict[str, dict[Term, None]] = {}
+        for q in queries:
+            circuit = self.model.solver.cache.get(q)
+            for network, inputs in circuit.extract_neural():
+                key = term2list(inputs.apply_term(q.substitution), False)[0]
+                keys.setdefault(str(network), {})[key] = None
+        return {name: list(found) for name, found in keys.items()}

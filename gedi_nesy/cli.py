@@ -1,0 +1,99 @@
+"""Command line: ``gedi-nesy gedi|train CONFIG [--set key=value ...] [--resume]``.
+
+The CLI only parses arguments and calls the library. Errors a user can fix are printed as one line
+(``error: ...``) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from gedi_nesy.errors import GediNesyError
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gedi-nesy", description="GEDI networks as DeepProbLog neural predicates."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a task's networks with the logic + GEDI losses")
+    _add_run_args(train)
+    gedi = sub.add_parser("gedi", help="train a GEDI network unsupervised on MNIST, evaluate it")
+    _add_run_args(gedi)
+    return parser
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file, e.g. configs/gedi_mnist.yaml")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.steps=100 (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _print_table(metrics: dict[str, Any]) -> None:
+    rows = [(k, v) for k, v in metrics.items() if isinstance(v, int | float | str)]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        print(f"{key:<{width}}  {text}")
+
+
+def _run_gedi(args: argparse.Namespace) -> dict[str, Any]:
+    from gedi_nesy.config import GediRunConfig, load_config
+    from gedi_nesy.standalone import train_gedi
+
+    cfg = load_config(args.config, GediRunConfig, args.overrides)
+    metrics = train_gedi(cfg, resume=args.resume, progress=not args.no_progress)
+    print(f"run folder: {cfg.out_dir}/{cfg.name}")
+    return metrics
+
+
+def build_task(params: dict[str, Any], data_root: str | None) -> Any:
+    """Resolve ``params["name"]`` in the ``tasks`` registry and build the task (imported lazily)."""
+    import importlib
+
+    from gedi_nesy.errors import ConfigError
+
+    try:
+        from tasks import TASKS
+    except ImportError:
+        raise ConfigError(
+            "the tasks package is not importable; run from a checkout installed with pip install -e ."
+        ) from None
+    name = params.get("name")
+    if name not in TASKS:
+        raise ConfigError(f"task.name = {name!r} is unknown; known tasks: {', '.join(sorted(TASKS))}")
+    module, func = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), func)(params, data_root)
+
+
+def _run_train(args: argparse.Namespace) -> dict[str, Any]:
+    from gedi_nesy.config import NesyRunConfig, load_config
+    from gedi_nesy.experiment import run_training
+
+    cfg = load_config(args.config, NesyRunConfig, args.overrides)
+    task = build_task(cfg.task, cfg.data_root)
+    metrics = run_training(cfg, task, resume=args.resume, progress=not args.no_progress)
+    print(f"run folder: {cfg.out_dir}/{cfg.name}")
+    return metrics
+
+
+COMMANDS = {"gedi": _run_gedi, "train": _run_train}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gedi-nesy`` console script."""
+    args = get_parser().parse_args(argv)
+    try:
+        metrics = COMMANDS[args.command](args)
+    except GediNesyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _print_table(metrics)
+    return 0

@@ -1,0 +1,175 @@
+"""One joint-training run from a config: fit with validation and checkpoints, then evaluate.
+
+``run_training`` is what ``gedi-nesy train CONFIG`` calls after the CLI has built the task.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from gedi_nesy.bridge import LogicModel
+from gedi_nesy.config import NesyRunConfig, to_dict
+from gedi_nesy.loop import StepLog, batch_indices
+from gedi_nesy.metrics import confusion_matrix, concept_report
+from gedi_nesy.plots import save_confusion_png
+from gedi_nesy.runtime import (
+    atomic_write_json,
+    load_checkpoint,
+    make_run_dir,
+    pick_device,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    set_seed,
+)
+from gedi_nesy.standalone import build_net
+from gedi_nesy.task import TaskData
+from gedi_nesy.trainer import JointTrainer
+
+
+def build_trainer(cfg: NesyRunConfig, task: TaskData, device: torch.device) -> JointTrainer:
+    """A :class:`GEDINet` per network of the task, the logic engine, and the joint trainer."""
+    nets = {}
+    for name, k in task.networks.items():
+        model_cfg = cfg.model if cfg.model.k == k else type(cfg.model)(**{**vars(cfg.model), "k": k})
+        nets[name] = build_net(model_cfg)
+    logic = LogicModel(task.program, task.networks)
+    return JointTrainer(
+        logic, nets, task.sources, gedi=cfg.gedi, sgld=cfg.sgld, augment=cfg.augment,
+        optim=cfg.optim, device=device,
+    )  # fmt: skip
+
+
+class _FitState:
+    """What the loop itself tracks, besides the trainer: validation history and the best nets."""
+
+    def __init__(self) -> None:
+        self.best_val = -1.0
+        self.bad_evals = 0
+        self.best_nets: dict[str, Any] | None = None
+        self.stopped_early = False
+
+
+def _extra_images(trainer: JointTrainer, task: TaskData, n: int, step: int) -> torch.Tensor | None:
+    """``n`` unlabelled images drawn (seeded by step) from the task's unlabelled pool."""
+    if n == 0:
+        return None
+    pools = [(src, idx) for src, idx in task.unlabelled.items() if len(idx) > 0]
+    if not pools:
+        return None
+    src, idx = pools[0]
+    gen = torch.Generator().manual_seed(trainer.optim_cfg.seed * 7919 + step)
+    pick = idx[torch.randint(len(idx), (n,), generator=gen)]  # (n,)
+    return task.sources[src][pick]
+
+
+def fit(
+    trainer: JointTrainer, task: TaskData, cfg: NesyRunConfig, run_dir: Path, *,
+    resume: bool, progress: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """The training loop: steps, logs, validation with early stopping, atomic checkpoints."""
+    o = cfg.optim
+    n = len(task.train)
+    per_epoch = math.ceil(n / o.batch_size)
+    total = o.epochs * per_epoch if o.max_steps is None else min(o.max_steps, o.epochs * per_epoch)
+    eval_every = o.eval_every or per_epoch
+    state, ckpt = _FitState(), run_dir / "checkpoint.pt"
+    if resume:
+        saved = load_checkpoint(ckpt)
+        trainer.load_state_dict(saved["trainer"])
+        state.__dict__.update(saved["fit"])
+        set_rng_state(saved["rng"])
+    log = StepLog(run_dir / "log.jsonl", resume_step=trainer.step if resume else None)
+    bar = tqdm(total=total, initial=trainer.step, disable=not progress, desc=cfg.name)
+    start, first = time.perf_counter(), trainer.step
+    while trainer.step < total and not state.stopped_early:
+        idx = batch_indices(n, o.batch_size, o.seed, trainer.step)
+        extra = _extra_images(trainer, task, o.extra_images, trainer.step)
+        values = trainer.train_step([task.train[i] for i in idx.tolist()], extra)
+        rate = (trainer.step - first) * o.batch_size / (time.perf_counter() - start)
+        bar.update(1)
+        if trainer.step % eval_every == 0 or trainer.step == total:
+            values["val_task_acc"] = _validate(trainer, task, state, o.patience)
+        if trainer.step % o.log_every == 0 or trainer.step == total or "val_task_acc" in values:
+            log.write({"step": trainer.step, "queries_per_s": round(rate, 2), **values})
+            bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()} | {"q/s": f"{rate:.0f}"})
+        if trainer.step % o.checkpoint_every == 0 or trainer.step == total or state.stopped_early:
+            save_checkpoint(ckpt, {"trainer": trainer.state_dict(), "fit": vars(state),
+                                   "rng": rng_state()})  # fmt: skip
+    bar.close()
+    seconds = time.perf_counter() - start
+    if state.best_nets is not None:
+        for name, net in trainer.nets.items():
+            net.load_state_dict(state.best_nets[name])
+    return {
+        "steps": trainer.step,
+        "train_seconds": round(seconds, 2),
+        "queries_per_s": round((trainer.step - first) * o.batch_size / max(seconds, 1e-9), 2),
+        "best_val_task_acc": state.best_val,
+        "stopped_early": state.stopped_early,
+    }
+
+
+def _validate(trainer: JointTrainer, task: TaskData, state: _FitState, patience: int) -> float:
+    acc = trainer.task_accuracy(task.val) if task.val else float("nan")
+    if acc > state.best_val:
+        state.best_val, state.bad_evals = acc, 0
+        state.best_nets = {
+            name: {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+            for name, net in trainer.nets.items()
+        }
+    else:
+        state.bad_evals += 1
+        state.stopped_early = patience > 0 and state.bad_evals >= patience
+    return acc
+
+
+def evaluate(trainer: JointTrainer, task: TaskData, run_dir: Path) -> dict[str, Any]:
+    """Test task accuracy, and concept metrics + confusion matrix of every network."""
+    metrics: dict[str, Any] = {"test_task_acc": trainer.task_accuracy(task.test)}
+    images = task.sources[task.concept_images]
+    labels = task.concept_labels.numpy()
+    for name, k in task.networks.items():
+        probs = trainer.concept_probs(name, images)  # (N, K)
+        pred = probs.argmax(-1).numpy()
+        report = concept_report(labels, pred, probs.numpy(), k)
+        prefix = "" if len(task.networks) == 1 else f"{name}."
+        metrics.update({prefix + key: value for key, value in report.items()})
+        matrix = confusion_matrix(labels, pred, k, k)
+        atomic_write_json(run_dir / f"confusion_{name}.json", matrix.tolist())
+        save_confusion_png(matrix, run_dir / f"confusion_{name}.png",
+                           title=f"{task.name}: {name} on {task.concept_images}")  # fmt: skip
+    return metrics
+
+
+def run_training(
+    cfg: NesyRunConfig, task: TaskData, *, resume: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Train on the task's queries with the joint loss, evaluate, and write ``runs/<name>/``.
+
+    Args:
+        cfg: the run configuration.
+        task: the task built from ``cfg.task``.
+        resume: continue from the run folder's checkpoint.
+        progress: show a progress bar.
+
+    Returns:
+        The metrics written to ``metrics.json``.
+    """
+    run_dir = make_run_dir(cfg.out_dir, cfg.name, to_dict(cfg))
+    torch.set_num_threads(cfg.optim.threads)
+    device = pick_device(cfg.optim.device)
+    set_seed(cfg.optim.seed)
+    trainer = build_trainer(cfg, task, device)
+    metrics: dict[str, Any] = {"task": task.name, "device": str(device), **task.info}
+    metrics.update(fit(trainer, task, cfg, run_dir, resume=resume, progress=progress))
+    metrics.update(evaluate(trainer, task, run_dir))
+    metrics["unprovable_train_queries"] = trainer.n_unprovable
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,110 @@
+"""The GEDI network: a small CNN encoder, a projector and a cluster head with temperature.
+
+``GEDINet(x)`` returns cluster logits ``z(x)`` of shape (B, K); ``concept_probs`` is the softmax, the
+output a DeepProbLog neural predicate sees. No BatchNorm: batch statistics make SGLD and per-query
+evaluation inconsistent, so the encoder uses no normalisation or GroupNorm.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gedi_nesy.energy import energy
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "none":
+        return nn.Identity()
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    raise ValueError(f"model.norm must be 'none' or 'group', got {kind!r}")
+
+
+class Encoder(nn.Module):
+    """Four 3x3 conv layers with SiLU (smooth, so SGLD gets useful input gradients) for 28x28 images.
+
+    Args:
+        in_channels: image channels.
+        width: channels of the first layer; later layers use 2x width.
+        feature_dim: output feature size.
+        norm: "none" or "group".
+    """
+
+    def __init__(self, in_channels: int = 1, width: int = 32, feature_dim: int = 256, norm="none"):
+        super().__init__()
+        w = width
+        self.convs = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1), _norm(norm, w), nn.SiLU(),  # (B, w, 28, 28)
+            nn.Conv2d(w, 2 * w, 4, stride=2, padding=1), _norm(norm, 2 * w), nn.SiLU(),  # 14x14
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), _norm(norm, 2 * w), nn.SiLU(),  # 14x14
+            nn.Conv2d(2 * w, 4 * w, 4, stride=2, padding=1), _norm(norm, 4 * w), nn.SiLU(),  # 7x7
+        )  # fmt: skip
+        self.fc = nn.Linear(4 * w * 7 * 7, feature_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.convs(x)  # (B, 1, 28, 28) -> (B, 4w, 7, 7)
+        return F.silu(self.fc(h.flatten(1)))  # (B, feature_dim)
+
+
+class GEDINet(nn.Module):
+    """Encoder -> projector -> cluster head; logits divided by the temperature tau.
+
+    Args:
+        k: number of clusters (the neural predicate's domain size).
+        in_channels: image channels.
+        width: encoder width.
+        feature_dim: encoder output size.
+        proj_dim: projector output size.
+        tau: temperature dividing the head's scores.
+        head: "cosine" (scores are cosine similarities to K prototypes, so |z| <= 1/tau and the
+            energy stays bounded) or "linear".
+        norm: encoder normalisation, "none" or "group".
+    """
+
+    def __init__(
+        self,
+        k: int = 10,
+        *,
+        in_channels: int = 1,
+        width: int = 32,
+        feature_dim: int = 256,
+        proj_dim: int = 128,
+        tau: float = 0.1,
+        head: str = "cosine",
+        norm: str = "none",
+    ) -> None:
+        super().__init__()
+        if k < 2:
+            raise ValueError(f"model.k must be >= 2 clusters, got {k}")
+        if tau <= 0:
+            raise ValueError(f"model.tau must be > 0, got {tau}")
+        if head not in ("cosine", "linear"):
+            raise ValueError(f"model.head must be 'cosine' or 'linear', got {head!r}")
+        self.k, self.tau, self.head_kind = k, tau, head
+        self.encoder = Encoder(in_channels, width, feature_dim, norm)
+        self.projector = nn.Sequential(
+            nn.Linear(feature_dim, feature_dim), nn.SiLU(), nn.Linear(feature_dim, proj_dim)
+        )
+        self.head = nn.Linear(proj_dim, k, bias=(head == "linear"))
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Head scores before the temperature, shape (B, K)."""
+        h = self.projector(self.encoder(x))  # (B, proj_dim)
+        if self.head_kind == "linear":
+            return self.head(h)  # (B, K)
+        prototypes = F.normalize(self.head.weight, dim=-1)  # (K, proj_dim)
+        return F.normalize(h, dim=-1) @ prototypes.t()  # (B, K), cosine in [-1, 1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Cluster logits ``z(x) = scores(x) / tau``, shape (B, K)."""
+        return self.scores(x) / self.tau
+
+    def concept_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Cluster posterior ``p(y|x) = softmax(z(x))``, shape (B, K)."""
+        return F.softmax(self(x), dim=-1)
+
+    def energy(self, x: torch.Tensor) -> torch.Tensor:
+        """``E(x) = -logsumexp_y z_y(x)``, shape (B,)."""
+        return energy(self(x))

@@ -1,0 +1,152 @@
+"""The GEDI objective on a batch of images: augmentations, SGLD samples, one batched forward.
+
+:class:`GediObjective` owns the state the pure loss functions need (the replay buffer and the random
+generators) and returns the unweighted parts as a :class:`~gedi_nesy.losses.GediLoss`. Both the
+standalone trainer and the joint DeepProbLog trainer call it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from gedi_nesy.augment import AugmentConfig, two_views
+from gedi_nesy.config import GediConfig, SGLDConfig
+from gedi_nesy.energy import energy
+from gedi_nesy.losses import (
+    GediLoss,
+    GediWeights,
+    energy_penalty,
+    generative_loss,
+    invariance_loss,
+    prior_loss,
+    swav_loss,
+)
+from gedi_nesy.sgld import ReplayBuffer, sgld_sample
+
+
+def gedi_weights(cfg: GediConfig) -> GediWeights:
+    """The weights of the loss parts implied by the method and its config.
+
+    ``gedi`` uses w_gen, w_inv, w_prior (w_gen = 0 is "GEDI without L_GEN"); ``jem`` keeps only the
+    generative term; ``swav`` keeps only the swapped-prediction loss (weight w_inv).
+    """
+    if cfg.method == "gedi":
+        return GediWeights(cfg.w_gen, cfg.energy_reg, cfg.w_inv, cfg.w_prior, 0.0)
+    if cfg.method == "jem":
+        return GediWeights(cfg.w_gen, cfg.energy_reg, 0.0, 0.0, 0.0)
+    return GediWeights(0.0, 0.0, 0.0, 0.0, cfg.w_inv)
+
+
+class GediObjective:
+    """Computes the GEDI loss parts for a batch of images.
+
+    Args:
+        net: module with ``forward(x) -> logits (B, K)`` and ``scores(x)`` (logits * tau).
+        gedi: objective config.
+        sgld: sampler config.
+        augment: augmentation config.
+        image_shape: shape of one image, e.g. (1, 28, 28).
+        device: where the network and the buffer live.
+        seed: seeds the generators of the sampler and the augmentations.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        gedi: GediConfig,
+        sgld: SGLDConfig,
+        augment: AugmentConfig,
+        *,
+        image_shape: tuple[int, ...],
+        device: torch.device,
+        seed: int,
+    ) -> None:
+        self.net, self.gedi, self.sgld, self.augment = net, gedi, sgld, augment
+        self.weights = gedi_weights(gedi)
+        self.generator = torch.Generator(device=device).manual_seed(seed + 1)
+        self.buffer = None
+        if self.weights.gen != 0.0 or self.weights.energy_reg != 0.0:
+            self.buffer = ReplayBuffer(
+                sgld.buffer_size,
+                image_shape,
+                reinit_freq=sgld.reinit_freq,
+                generator=self.generator,
+                device=device,
+            )
+
+    def energy(self, logits: torch.Tensor) -> torch.Tensor:
+        """``E(x)`` from logits; with ``tau_in_energy: false`` the temperature is undone first."""
+        if self.gedi.tau_in_energy:
+            return energy(logits)  # (B, K) -> (B,)
+        return energy(logits * self.net.tau)
+
+    def samples(self, batch_size: int) -> torch.Tensor:
+        """Run persistent SGLD chains from the buffer (network in eval mode meanwhile)."""
+        assert self.buffer is not None
+        x0, idx = self.buffer.sample(batch_size, self.generator)  # (B, C, H, W), (B,)
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            x = sgld_sample(
+                lambda v: self.energy(self.net(v)),
+                x0,
+                n_steps=self.sgld.n_steps,
+                step_size=self.sgld.step_size,
+                noise_std=self.sgld.noise_std,
+                generator=self.generator,
+                max_abs_energy=self.sgld.max_abs_energy,
+            )
+        finally:
+            self.net.train(was_training)
+        self.buffer.update(idx, x)
+        return x
+
+    def __call__(self, x: torch.Tensor) -> GediLoss:
+        """Unweighted loss parts on images ``x`` (B, C, H, W); parts with weight 0 are not computed."""
+        w = self.weights
+        zero = x.new_zeros(())
+        use_views = w.inv != 0.0 or w.prior != 0.0 or w.swav != 0.0
+        use_gen = w.gen != 0.0 or w.energy_reg != 0.0
+        batches, b = [], len(x)
+        if use_views:
+            batches += list(two_views(x, self.augment, self.generator))  # 2 x (B, C, H, W)
+        if use_gen:
+            noise = torch.randn(x.shape, generator=self.generator, device=x.device)
+            batches += [x + self.sgld.data_noise * noise, self.samples(b)]  # 2 x (B, C, H, W)
+        if not batches:
+            return GediLoss(zero, zero, zero, zero, zero)
+        logits = self.net(torch.cat(batches)).split(b)  # one forward: n_batches x (B, K)
+        gen = reg = inv = prior = swav = zero
+        if use_views:
+            za, zb = logits[0], logits[1]
+            if w.inv != 0.0:
+                inv = invariance_loss(za, zb, symmetric=self.gedi.symmetric_inv)
+            if w.prior != 0.0:
+                prior = prior_loss(za)
+            if w.swav != 0.0:
+                swav = swav_loss(
+                    za * self.net.tau,
+                    zb * self.net.tau,
+                    temperature=self.gedi.swav_temperature,
+                    epsilon=self.gedi.sinkhorn_epsilon,
+                    n_iters=self.gedi.sinkhorn_iters,
+                )
+        if use_gen:
+            e_data, e_sample = self.energy(logits[-2]), self.energy(logits[-1])  # (B,), (B,)
+            gen = generative_loss(e_data, e_sample)
+            reg = energy_penalty(e_data, e_sample)
+        return GediLoss(gen, reg, inv, prior, swav)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"generator": self.generator.get_state()}
+        if self.buffer is not None:
+            state["buffer"] = self.buffer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        if self.buffer is not None:
+            self.buffer.load_state_dict(state["buffer"])

@@ -1,0 +1,238 @@
+"""The joint trainer: DeepProbLog's logic loss plus GEDI's generative and clustering losses.
+
+Per step: collect the images the minibatch's queries refer to, run ONE batched forward of each
+network over them, hand the probability rows to the logic engine as lookup tables, and minimise
+
+    L = L_logic + w_gen L_GEN + w_inv L_INV + w_prior L_PRIOR   (+ energy_reg, swav)
+
+with L_logic = mean over provable queries of -log P(query) (as DeepProbLog's own cross-entropy,
+eps = 1e-12). One backward, one optimiser step; this file is where every backward call is.
+Unprovable queries are counted and logged, never turned into a silent zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from deepproblog.query import Query
+from problog.logic import Term
+
+from gedi_nesy.augment import AugmentConfig
+from gedi_nesy.bridge import ProbabilityTable
+from gedi_nesy.config import GediConfig, NesyOptimConfig, SGLDConfig
+from gedi_nesy.errors import ConfigError
+from gedi_nesy.loop import check_finite
+from gedi_nesy.losses import GediLoss, active_parts, weighted_total
+from gedi_nesy.objective import GediObjective
+
+LOGIC_EPS = 1e-12  # DeepProbLog's cross_entropy adds this inside the log
+
+
+def logic_loss(probs: torch.Tensor, provable: torch.Tensor) -> torch.Tensor:
+    """``mean_q -log(P(q) + eps)`` over provable queries (DeepProbLog's cross-entropy, target 1).
+
+    Args:
+        probs: query probabilities, shape (Q,).
+        provable: which queries have at least one proof, shape (Q,), bool.
+
+    Returns:
+        A scalar; 0 (with no gradient path) when no query is provable: the caller logs the count.
+    """
+    if not provable.any():
+        return probs.new_zeros(())
+    return -torch.log(probs[provable] + LOGIC_EPS).mean()
+
+
+def tensor_keys(queries: Sequence[Query]) -> list[Term]:
+    """The distinct ``tensor(...)`` terms the (substituted) queries refer to, in first-seen order."""
+    seen: dict[Term, None] = {}
+    for q in queries:
+        stack = [q.substitute().query]
+        while stack:
+            term = stack.pop()
+            if term.functor == "tensor" and term.arity == 1:
+                seen.setdefault(term, None)
+            else:
+                stack.extend(reversed(term.args))
+    return list(seen)
+
+
+class JointTrainer:
+    """Trains the networks of a logic program on its queries, with the GEDI terms.
+
+    Args:
+        logic: engine with ``query_probs(queries, tables) -> (probs (Q,), provable (Q,))`` and
+            ``answer_probs``; see :class:`gedi_nesy.bridge.LogicModel`.
+        nets: network name -> module returning logits (B, K) (a :class:`GEDINet` or any module).
+        sources: tensor-source name -> images (N, C, H, W); ``tensor(src(i))`` is ``sources[src][i]``.
+        gedi: GEDI objective config; with every weight 0 only the logic loss is trained.
+        sgld: sampler config.
+        augment: augmentation config.
+        optim: optimiser and loop config.
+        device: where the networks and the GEDI terms run.
+        logic_device: where probabilities are handed to the logic engine (CPU is fastest for
+            DeepProbLog's scalar ops; gradients still flow back to the networks' device).
+    """
+
+    def __init__(
+        self,
+        logic: Any,
+        nets: Mapping[str, nn.Module],
+        sources: Mapping[str, torch.Tensor],
+        *,
+        gedi: GediConfig,
+        sgld: SGLDConfig,
+        augment: AugmentConfig,
+        optim: NesyOptimConfig,
+        device: torch.device,
+        logic_device: torch.device = torch.device("cpu"),
+    ) -> None:
+        self.logic, self.sources, self.optim_cfg = logic, dict(sources), optim
+        self.device, self.logic_device = device, logic_device
+        self.nets = {name: net.to(device) for name, net in nets.items()}
+        params = [p for net in self.nets.values() for p in net.parameters()]
+        self.optimizer = torch.optim.Adam(params, lr=optim.lr, weight_decay=optim.weight_decay)
+        image_shape = tuple(next(iter(self.sources.values())).shape[1:])
+        self.objectives = {
+            name: GediObjective(net, gedi, sgld, augment, image_shape=image_shape,
+                                device=device, seed=optim.seed + i)
+            for i, (name, net) in enumerate(self.nets.items())
+        }  # fmt: skip
+        self.step = 0
+        self.n_unprovable = 0  # training queries without a proof, summed over steps
+        self.uses_gedi = any(w != 0.0 for w in next(iter(self.objectives.values())).weights)
+        if self.uses_gedi and not all(hasattr(n, "tau") for n in self.nets.values()):
+            raise ConfigError(
+                "the GEDI terms need networks with a temperature `tau` (GEDINet); set every "
+                "gedi.w_* to 0 to train other networks with the logic loss alone"
+            )
+
+    def images(self, keys: Sequence[Term]) -> torch.Tensor:
+        """Stack the images of ``tensor(src(i))`` keys, shape (n, C, H, W), on the device."""
+        rows = []
+        for key in keys:
+            inner = key.args[0]
+            if inner.functor not in self.sources or inner.arity != 1:
+                raise ConfigError(
+                    f"query refers to {key}, but the tensor sources are "
+                    f"{sorted(self.sources)}; write queries with tensor(source(index))"
+                )
+            rows.append(self.sources[inner.functor][int(inner.args[0])])
+        return torch.stack(rows).to(self.device)
+
+    def forward_tables(
+        self, keys: Sequence[Term], images: torch.Tensor
+    ) -> tuple[dict[str, ProbabilityTable], dict[str, torch.Tensor]]:
+        """One batched forward per network; returns the lookup tables and the logits."""
+        logits = {name: net(images) for name, net in self.nets.items()}  # name -> (n, K)
+        tables = {
+            name: ProbabilityTable(list(keys), F.softmax(z, -1).to(self.logic_device))
+            for name, z in logits.items()
+        }
+        return tables, logits
+
+    def gedi_parts(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted GEDI loss summed over networks, and its logged parts."""
+        total = images.new_zeros(())
+        logged: dict[str, float] = {}
+        for name, objective in self.objectives.items():
+            parts: GediLoss = objective(images)
+            total = total + weighted_total(parts, objective.weights)
+            prefix = "" if len(self.objectives) == 1 else f"{name}."
+            logged.update({prefix + k: v for k, v in active_parts(parts, objective.weights).items()})
+        return total, logged
+
+    def train_step(
+        self, queries: Sequence[Query], extra: torch.Tensor | None = None
+    ) -> dict[str, float]:
+        """zero_grad, batched forward, logic + GEDI loss, one backward, clip, one step.
+
+        Args:
+            queries: the minibatch's queries.
+            extra: unlabelled images (m, C, H, W) for the GEDI terms only, or None.
+
+        Returns:
+            The logged values: ``logic``, each active GEDI part, ``total``, ``unprovable``.
+        """
+        for net in self.nets.values():
+            net.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        keys = tensor_keys(queries)
+        images = self.images(keys)  # (n, C, H, W)
+        tables, _ = self.forward_tables(keys, images)
+        probs, provable = self.logic.query_probs(queries, tables)  # (Q,), (Q,)
+        l_logic = logic_loss(probs, provable)
+        values = {"logic": float(l_logic.detach())}
+        total = l_logic.to(self.device)
+        if self.uses_gedi:
+            gedi_images = images if extra is None else torch.cat([images, extra.to(self.device)])
+            l_gedi, logged = self.gedi_parts(gedi_images)
+            total = total + l_gedi
+            values.update(logged)
+        values["total"] = float(total.detach())
+        values["unprovable"] = int((~provable).sum())
+        self.n_unprovable += values["unprovable"]
+        check_finite(values, self.step)
+        total.backward()
+        if self.optim_cfg.grad_clip > 0:
+            params = [p for net in self.nets.values() for p in net.parameters()]
+            nn.utils.clip_grad_norm_(params, self.optim_cfg.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return values
+
+    @torch.no_grad()
+    def predict_answers(self, queries: Sequence[Query]) -> list[Term | None]:
+        """The most probable answer of each query's output argument (None: no answer is provable)."""
+        for net in self.nets.values():
+            net.eval()
+        predictions: list[Term | None] = []
+        step = self.logic_eval_batch
+        for start in range(0, len(queries), step):
+            chunk = list(queries[start : start + step])
+            keys = tensor_keys(chunk)
+            tables, _ = self.forward_tables(keys, self.images(keys))
+            predictions.extend(self.logic.best_answers(chunk, tables))
+        return predictions
+
+    @property
+    def logic_eval_batch(self) -> int:
+        return getattr(self.logic, "eval_batch", 64)
+
+    def task_accuracy(self, queries: Sequence[Query]) -> float:
+        """Fraction of queries whose most probable answer equals the query's own output value."""
+        if not queries:
+            raise ConfigError("no queries to evaluate; check the task's split sizes")
+        predicted = self.predict_answers(queries)
+        truth = [q.output_values()[0] for q in queries]
+        return sum(p == t for p, t in zip(predicted, truth)) / len(queries)
+
+    @torch.no_grad()
+    def concept_probs(self, name: str, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+        """``p(y|x)`` of network ``name`` on ``images`` (N, C, H, W) -> (N, K), on the CPU."""
+        net = self.nets[name]
+        net.eval()
+        out = [F.softmax(net(x.to(self.device)), -1).cpu() for x in images.split(batch)]
+        return torch.cat(out)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "n_unprovable": self.n_unprovable,
+            "nets": {name: net.state_dict() for name, net in self.nets.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "objectives": {name: o.state_dict() for name, o in self.objectives.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+        self.n_unprovable = state["n_unprovable"]
+        for name, net in self.nets.items():
+            net.load_state_dict(state["nets"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for name, objective in self.objectives.items():
+            objective.load_state_dict(state["objectives"][name])

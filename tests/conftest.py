@@ -1,0 +1,100 @@
+"""Shared fixtures: fixed-probability digit tables (DeepProbLog's DummyNet idiom).
+
+Images are named by tensor terms ``tensor(img(i))``. Rows 0-3 of ``digit_probs`` are sparse and
+hand-made, so tests can write the expected probability next to each query; rows 4-7 are dense
+(a seeded softmax) for comparisons with DeepProbLog's own inference. float64 throughout, so
+results can be compared to 1e-9.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+# image i -> {digit: probability}; every other digit has probability 0
+HAND_ROWS = {
+    0: {1: 0.4, 2: 0.6},
+    1: {3: 0.5, 4: 0.5},
+    2: {0: 0.1, 9: 0.9},
+    3: {7: 1.0},
+}
+N_DENSE = 4
+
+
+def fixed_digit_probs() -> torch.Tensor:
+    """The fixed table: rows 0-3 from HAND_ROWS, rows 4-7 dense; shape (8, 10), float64."""
+    probs = torch.zeros(len(HAND_ROWS) + N_DENSE, 10, dtype=torch.float64)  # (8, 10)
+    for i, row in HAND_ROWS.items():
+        for digit, p in row.items():
+            probs[i, digit] = p
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(N_DENSE, 10, generator=gen, dtype=torch.float64)  # (4, 10)
+    probs[len(HAND_ROWS) :] = torch.softmax(logits, -1)
+    return probs
+
+
+class FixedTableNet(torch.nn.Module):
+    """A stock DeepProbLog network module: image index -> its row of a fixed table."""
+
+    def __init__(self, probs: torch.Tensor) -> None:
+        super().__init__()
+        self.probs = probs  # (n, K); a leaf, so tests can read its gradient
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        return self.probs[int(index)]  # (K,)
+
+
+class IndexSource:
+    """A DeepProbLog tensor source: ``tensor(img(i))`` -> the index i as a tensor."""
+
+    def __getitem__(self, args: tuple[Any, ...]) -> torch.Tensor:
+        return torch.tensor(int(args[0]))
+
+
+@pytest.fixture
+def digit_probs() -> torch.Tensor:
+    """A fresh leaf copy of the fixed table, shape (8, 10), requires_grad."""
+    return fixed_digit_probs().requires_grad_()
+
+
+@pytest.fixture(scope="session")
+def img() -> Callable[[int], Any]:
+    """``img(i)`` -> the tensor term ``tensor(img(i))`` that names image i."""
+    from problog.logic import Constant, Term
+
+    def term(i: int) -> Any:
+        return Term("tensor", Term("img", Constant(i)))
+
+    return term
+
+
+@pytest.fixture
+def digit_table(digit_probs: torch.Tensor, img: Callable[[int], Any]) -> dict[str, Any]:
+    """``{"digit_net": ProbabilityTable}`` over the 8 fixed images."""
+    from gedi_nesy.bridge import ProbabilityTable
+
+    keys = [img(i) for i in range(digit_probs.shape[0])]
+    return {"digit_net": ProbabilityTable(keys, digit_probs)}
+
+
+@pytest.fixture
+def stock_model_factory() -> Callable[..., Any]:
+    """Builds DeepProbLog's stock model: stock Network, GraphSemiring, ``set_engine``, no cache.
+
+    ``factory(program_path, probs)`` -> a ``Model`` whose ``digit_net`` reads rows of ``probs``
+    through the tensor source ``img``.
+    """
+    from deepproblog.engines import ExactEngine
+    from deepproblog.model import Model
+    from deepproblog.network import Network
+
+    def factory(program_path: Any, probs: torch.Tensor) -> Any:
+        model = Model(str(program_path), [Network(FixedTableNet(probs), "digit_net")])
+        model.set_engine(ExactEngine(model))
+        model.add_tensor_source("img", IndexSource())
+        return model
+
+    return factory

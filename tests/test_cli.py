@@ -1,0 +1,80 @@
+"""The command line end to end on a small real subset (needs GEDI_NESY_DATA), and its errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import gedi_nesy.standalone as standalone
+from gedi_nesy.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs/smoke.yaml")
+needs_data = pytest.mark.skipif(
+    not os.environ.get("GEDI_NESY_DATA"), reason="set GEDI_NESY_DATA to the raw MNIST folder"
+)
+
+
+@needs_data
+def test_gedi_smoke_run_writes_the_run_folder(tmp_path, capsys):
+    assert main(["gedi", SMOKE, "--set", f"out_dir={tmp_path}", "--no-progress"]) == 0
+    run = tmp_path / "smoke"
+    for name in ["config.yaml", "metrics.json", "log.jsonl", "checkpoint.pt", "samples.png"]:
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 3
+    assert 0.0 <= metrics["cluster_acc"] <= 1.0 and 0.0 <= metrics["ood_auroc"] <= 1.0
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2, 3]
+    assert {"gen", "inv", "prior", "total"} <= set(log[0])
+    assert "cluster_acc" in capsys.readouterr().out
+
+
+@needs_data
+@pytest.mark.parametrize("method", ["gedi", "swav", "jem"])
+def test_every_method_runs(tmp_path, method):
+    args = ["gedi", SMOKE, "--no-progress", "--set", f"out_dir={tmp_path}",
+            "--set", f"gedi.method={method}", "--set", "optim.steps=1"]  # fmt: skip
+    assert main(args) == 0
+
+
+@needs_data
+def test_resume_continues_to_the_same_result(tmp_path, monkeypatch):
+    common = ["gedi", SMOKE, "--no-progress", "--set", "optim.steps=4"]
+    assert main(common + ["--set", f"out_dir={tmp_path / 'straight'}"]) == 0
+
+    real_step = standalone._train_step
+
+    def crash_at_step_2(run, x):
+        if run.step == 2:  # the checkpoint of step 2 is on disk; die before step 3
+            raise KeyboardInterrupt
+        return real_step(run, x)
+
+    monkeypatch.setattr(standalone, "_train_step", crash_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        main(common + ["--set", f"out_dir={tmp_path / 'killed'}"])
+    monkeypatch.setattr(standalone, "_train_step", real_step)
+    assert main(common + ["--set", f"out_dir={tmp_path / 'killed'}", "--resume"]) == 0
+
+    a = torch.load(tmp_path / "straight/smoke/checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "killed/smoke/checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 4
+    for key, value in a["net"].items():
+        assert torch.equal(value, b["net"][key]), key
+    assert torch.equal(a["objective"]["buffer"]["samples"], b["objective"]["buffer"]["samples"])
+    log = (tmp_path / "killed/smoke/log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]
+
+
+def test_errors_are_one_line_with_exit_status_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GEDI_NESY_DATA", str(tmp_path / "nowhere"))
+    assert main(["gedi", SMOKE, "--set", "optim.stepz=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown config key 'optim.stepz'") and err.count("\n") == 1
+    assert main(["gedi", SMOKE, "--set", f"out_dir={tmp_path}", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "GEDI_NESY_DATA" in err and err.count("\n") == 1

@@ -1,0 +1,199 @@
+"""The GEDI core: energy, Sinkhorn, SGLD and replay buffer, the loss parts, nets, augmentations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gedi_nesy.augment import AugmentConfig, two_views
+from gedi_nesy.energy import class_energy, energy
+from gedi_nesy.errors import TrainingError
+from gedi_nesy.losses import (
+    GediLoss,
+    GediWeights,
+    active_parts,
+    energy_penalty,
+    generative_loss,
+    invariance_loss,
+    prior_loss,
+    swav_loss,
+    weighted_total,
+)
+from gedi_nesy.nets import GEDINet
+from gedi_nesy.sgld import ReplayBuffer, sgld_sample
+from gedi_nesy.sinkhorn import sinkhorn
+
+
+def test_energy_is_negative_logsumexp():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    # E = -log(e^0 + e^0) = -log 2;  E = -log(3 + 1) = -log 4
+    assert torch.allclose(energy(logits), torch.tensor([-math.log(2.0), -math.log(4.0)]))
+
+
+def test_energy_shift_identity_and_class_energy():
+    logits = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
+    # logits + c shifts every energy by exactly -c
+    assert torch.allclose(energy(logits + 2.5), energy(logits) - 2.5, atol=1e-6)
+    y = torch.tensor([0, 1, 2, 3, 6])
+    assert torch.equal(class_energy(logits, y), -logits[torch.arange(5), y])
+    # p(y|x) = exp(-E(x,y)) / exp(-E(x))
+    post = torch.exp(-class_energy(logits, y) + energy(logits))
+    assert torch.allclose(post, torch.softmax(logits, -1)[torch.arange(5), y], atol=1e-6)
+
+
+def test_sinkhorn_marginals_and_equivariance():
+    scores = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    q = sinkhorn(scores, epsilon=0.5, n_iters=50)
+    assert torch.allclose(q.sum(1), torch.ones(64), atol=1e-5)  # each sample: mass 1
+    assert torch.allclose(q.sum(0), torch.full((8,), 8.0), atol=1e-3)  # each cluster: B/K
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(sinkhorn(scores[perm], epsilon=0.5, n_iters=50), q[perm], atol=1e-5)
+
+
+def test_sinkhorn_finite_for_large_scores():
+    q = sinkhorn(torch.randn(32, 10) * 1e4, epsilon=0.01, n_iters=3)
+    assert torch.isfinite(q).all()
+    assert torch.allclose(q.sum(1), torch.ones(32), atol=1e-4)
+
+
+def test_sinkhorn_rejects_bad_epsilon():
+    with pytest.raises(ValueError, match="epsilon"):
+        sinkhorn(torch.zeros(2, 2), epsilon=0.0)
+
+
+def _quadratic(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x.pow(2).flatten(1).sum(1)  # E(x) = |x|^2 / 2, a standard Gaussian
+
+
+def test_sgld_lowers_a_gaussian_energy_and_is_reproducible():
+    x0 = torch.full((16, 4), 3.0)
+    kw = dict(n_steps=50, step_size=0.1, noise_std=0.01, clamp=None)
+    out1 = sgld_sample(_quadratic, x0, generator=torch.Generator().manual_seed(0), **kw)
+    out2 = sgld_sample(_quadratic, x0, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(out1, out2)
+    assert _quadratic(out1).mean() < 0.05 * _quadratic(x0).mean()  # 3 * 0.9^50 ~ 0.015
+    assert not out1.requires_grad
+
+
+def test_sgld_without_noise_is_gradient_descent():
+    x0 = torch.tensor([[2.0]])
+    out = sgld_sample(_quadratic, x0, n_steps=3, step_size=0.5, noise_std=0.0, clamp=None)
+    assert out.item() == pytest.approx(2.0 * 0.5**3)  # x <- x - 0.5 x, three times
+
+
+def test_sgld_clamps_and_stops_on_non_finite_energy():
+    out = sgld_sample(lambda x: -10 * x.sum(1), torch.zeros(4, 3), n_steps=2, step_size=1.0,
+                      noise_std=0.0)  # fmt: skip
+    assert out.max().item() == 1.0  # pushed up, clipped at the data range
+    with pytest.raises(TrainingError, match="SGLD step 0: non-finite"):
+        sgld_sample(lambda x: x.sum(1) / 0.0, torch.ones(2, 2), n_steps=1, step_size=1.0,
+                    noise_std=0.0)  # fmt: skip
+    with pytest.raises(TrainingError, match="SGLD step 1: .*exceeds"):
+        sgld_sample(lambda x: 1e3 * x.sum(1), torch.zeros(2, 1), n_steps=3, step_size=10.0,
+                    noise_std=0.0, clamp=None, max_abs_energy=100.0)  # fmt: skip
+
+
+def test_replay_buffer_reinit_rate_and_update():
+    gen = torch.Generator().manual_seed(0)
+    buf = ReplayBuffer(1000, (2,), reinit_freq=0.25, generator=gen)
+    assert buf.samples.min() >= -1 and buf.samples.max() <= 1
+    buf.samples.fill_(5.0)  # mark stored chains, so restarts are visible
+    x0, idx = buf.sample(20000, generator=gen)
+    restarted = (x0[:, 0] != 5.0).float().mean().item()
+    assert abs(restarted - 0.25) < 0.015  # binomial std ~0.003
+    buf.update(idx[:3], torch.zeros(3, 2))
+    assert torch.equal(buf.samples[idx[:3]], torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="reinit_freq"):
+        ReplayBuffer(4, (1,), reinit_freq=1.5)
+
+
+def test_prior_minimal_at_uniform_marginal_and_larger_under_collapse():
+    k = 4
+    uniform = torch.eye(k).repeat(2, 1) * 20.0  # each cluster used by 2 of 8 samples
+    collapsed = torch.zeros(8, k)
+    collapsed[:, 0] = 20.0  # every sample in cluster 0
+    assert prior_loss(uniform).item() == pytest.approx(k * math.log(k), abs=1e-4)  # K log K
+    assert prior_loss(torch.zeros(8, k)).item() == pytest.approx(k * math.log(k), abs=1e-6)
+    assert prior_loss(collapsed).item() > prior_loss(uniform).item() + 10.0
+    # a non-uniform target: minimal when the marginal matches it
+    target = torch.tensor([0.5, 0.5, 0.0, 0.0])
+    half = torch.tensor([[20.0, 0, 0, 0], [0, 20.0, 0, 0]])
+    assert prior_loss(half, target).item() < prior_loss(uniform, target).item()
+
+
+def test_invariance_larger_when_views_disagree():
+    logits = torch.eye(5) * 10.0
+    same = invariance_loss(logits, logits)
+    permuted = invariance_loss(logits, logits[[1, 2, 3, 4, 0]])
+    assert permuted.item() > same.item() + 5.0
+    sym = invariance_loss(logits, logits[[1, 2, 3, 4, 0]], symmetric=True)
+    assert torch.isfinite(sym)
+
+
+def test_invariance_gradients_flow_through_both_views():
+    a = torch.randn(4, 3, requires_grad=True)
+    b = torch.randn(4, 3, requires_grad=True)
+    invariance_loss(a, b).backward()
+    assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
+
+
+def test_generative_loss_and_penalty_values():
+    e_data, e_sample = torch.tensor([1.0, 3.0]), torch.tensor([-1.0, 1.0])
+    assert generative_loss(e_data, e_sample).item() == 2.0  # mean 2 - mean 0
+    assert energy_penalty(e_data, e_sample).item() == 6.0  # (1+9)/2 + (1+1)/2
+
+
+def test_swav_loss_prefers_consistent_views():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.nn.functional.normalize(torch.randn(32, 4, generator=gen), dim=-1)
+    agree = swav_loss(scores, scores)
+    disagree = swav_loss(scores, scores.roll(1, dims=0))
+    assert agree.item() < disagree.item()
+
+
+def test_weighted_total_skips_zero_weights_and_names_active_parts():
+    one = torch.tensor(1.0)
+    parts = GediLoss(one * 2, torch.tensor(float("nan")), one * 3, one * 5, one * 7)
+    weights = GediWeights(gen=1.0, energy_reg=0.0, inv=0.5, prior=2.0, swav=0.0)
+    assert weighted_total(parts, weights).item() == 2.0 + 1.5 + 10.0
+    assert active_parts(parts, weights) == {"gen": 2.0, "inv": 3.0, "prior": 5.0}
+
+
+@pytest.mark.parametrize("head", ["cosine", "linear"])
+@pytest.mark.parametrize("norm", ["none", "group"])
+def test_gedinet_shapes_and_outputs(head, norm):
+    net = GEDINet(k=6, width=4, feature_dim=16, proj_dim=8, tau=0.1, head=head, norm=norm)
+    x = torch.rand(3, 1, 28, 28) * 2 - 1
+    z = net(x)
+    assert z.shape == (3, 6)
+    assert torch.allclose(net.concept_probs(x).sum(-1), torch.ones(3), atol=1e-6)
+    assert torch.allclose(net.energy(x), energy(z))
+    if head == "cosine":
+        assert z.abs().max().item() <= 1.0 / 0.1 + 1e-4  # |cos| <= 1, divided by tau
+
+
+def test_gedinet_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="model.k"):
+        GEDINet(k=1)
+    with pytest.raises(ValueError, match="model.head"):
+        GEDINet(head="mlp")
+
+
+def test_two_views_differ_stay_in_range_and_are_seeded():
+    x = torch.rand(8, 1, 28, 28) * 2 - 1
+    cfg = AugmentConfig()
+    a1, b1 = two_views(x, cfg, torch.Generator().manual_seed(3))
+    a2, b2 = two_views(x, cfg, torch.Generator().manual_seed(3))
+    assert torch.equal(a1, a2) and torch.equal(b1, b2)
+    assert a1.shape == x.shape and a1.min() >= -1 and a1.max() <= 1
+    assert not torch.allclose(a1, b1)
+
+
+def test_identity_augmentation_keeps_the_image():
+    x = torch.rand(2, 1, 28, 28) * 2 - 1
+    cfg = AugmentConfig(rotate_deg=0.0, scale=(1.0, 1.0), shear_deg=0.0, translate=0.0,
+                        noise_std=0.0)  # fmt: skip
+    a, _ = two_views(x, cfg)
+    assert torch.allclose(a, x, atol=1e-5)
