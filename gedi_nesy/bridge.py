@@ -70,17 +70,21 @@ class NeuralDeclaration:
 
 
 def term_value(term: Term) -> Any:
-    """A ground ProbLog term as a Python value: ``3`` -> 3, ``1.5`` -> 1.5, ``a`` -> "a".
+    """A ground ProbLog term as a Python value: ``3`` -> 3, ``1.5`` -> 1.5, ``a`` / ``"a"`` -> "a".
 
     Args:
-        term: a ground term (a number, a string or atom, or a compound term).
+        term: a ground term (a number, an atom or string, or a compound term).
 
     Returns:
-        int or float for numbers, the string for quoted strings, ``str(term)`` otherwise.
+        int or float for numbers; the name, without quotes, for atoms and strings; ``str(term)``
+        for compound terms.
     """
-    if isinstance(term, Constant):
-        return term.value
-    return str(term)
+    if isinstance(term, Constant) and isinstance(term.functor, (int, float)):
+        return term.functor
+    text = str(term)
+    if term.arity == 0 and len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
 
 
 def _statements(program_text: str, source: str) -> Iterator[tuple[Any, int]]:
@@ -163,7 +167,7 @@ def parse_neural_declarations(
 
 
 def _learnable_probability_lines(program_text: str, source: str) -> list[int]:
-    """Lines with a ``t(...)`` learnable probability (DeepProbLog's optimizer never updates them)."""
+    """Lines with a ``t(...)`` learnable probability (DeepProbLog's optimizer never updates it)."""
     lines = []
     for statement, line in _statements(program_text, source):
         for head in _annotated_heads(statement):
@@ -302,9 +306,8 @@ class ProbabilityTable:
 class _LookupNetwork(Network):
     """A DeepProbLog network that returns rows of the bound :class:`ProbabilityTable`."""
 
-    def __init__(self, name: str, k: int) -> None:
+    def __init__(self, name: str) -> None:
         super().__init__(torch.nn.Identity(), name)
-        self.k_outputs = k
         self._table: ProbabilityTable | None = None
         self._probs: torch.Tensor | None = None
         self._rows: dict[Term, tuple[torch.Tensor, ...]] = {}
@@ -370,7 +373,32 @@ def _program_text(program: str | os.PathLike[str]) -> tuple[str, str]:
     return program, "<program>"
 
 
-def _scalars(values: Sequence[Any], like: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+def _subterms(term: Term) -> Iterator[Term]:
+    stack = [term]
+    while stack:
+        t = stack.pop()
+        yield t
+        stack.extend(t.args)
+
+
+def _shareable(query: Query) -> Query:
+    """The query itself, or its ground form when its substitution aliases one input twice.
+
+    A cached circuit is compiled for the query before substitution, where distinct placeholders
+    are independent variables; if two of them (or a placeholder and a term already in the
+    query) name the same input, the shared circuit would count that input twice. Such a query
+    is solved in ground form (its own circuit) instead.
+    """
+    values = list(query.substitution.values())
+    if not values:
+        return query
+    present = set(_subterms(query.query))
+    if len(set(values)) == len(values) and not any(v in present for v in values):
+        return query
+    return Query(query.substitute().query, None, query.p, query.output_ind)
+
+
+def _scalars(values: Sequence[Any], like: Any, device: torch.device) -> torch.Tensor:
     """Stack tensors and plain floats (constant probabilities) into one (len,) tensor."""
     dtype = like.dtype if like is not None else torch.get_default_dtype()
     items = [
@@ -388,7 +416,9 @@ class LogicModel:
     Python's per-process string hash, so an on-disk cache never hits in a new process). The
     cache is keyed by the query term before substitution: build queries with placeholders and a
     substitution (``addition(p0, p1, 7)``, ``{p0: tensor(train(3)), ...}``) and every query of
-    the same shape shares one compiled circuit.
+    the same shape shares one compiled circuit. A query whose substitution names one input twice
+    gets its own circuit (shared placeholders would count it as two independent inputs, a bug of
+    stock DeepProbLog's cache).
 
     DeepProbLog's tensor builtins (``add/3``, ``mul/3``, ``less_than/2``, ...) are not
     registered: lookup networks never see tensors, and ``add/3`` is free for programs.
@@ -399,7 +429,11 @@ class LogicModel:
         device: where the logic runs; tables are moved there, autograd intact (CPU is fastest
             for DeepProbLog's scalar ops).
         sdd_auto_gc: let the SDD library garbage-collect and reorder variables while compiling;
-            keeps multi-digit circuits near-linear in N (default vtree: 15x larger at N = 4).
+            keeps multi-digit circuits near-linear in N (without it the SDD of a 4-digit
+            addition query is ~14x larger and its autograd graph ~6x).
+
+    Inference is many tiny scalar ops: run it with ``torch.set_num_threads(1)`` (5x faster
+    than 2 threads on a 2-core machine); the trainer sets it.
     """
 
     def __init__(
@@ -414,7 +448,7 @@ class LogicModel:
         self.declarations = check_program(text, networks, self.source)
         self.networks = dict(networks)
         self.device = torch.device(device)
-        self._lookups = {name: _LookupNetwork(name, k) for name, k in networks.items()}
+        self._lookups = {name: _LookupNetwork(name) for name in networks}
         self.model = Model(text, list(self._lookups.values()), load=False)
         self.model.solver = Solver(
             self.model,
@@ -470,14 +504,14 @@ class LogicModel:
                     f"queries, use answer_probs or best_answers for an output variable"
                 )
         with self._bound(tables):
-            results = self.model.solve(list(queries))
+            results = self.model.solve([_shareable(q) for q in queries])
         values, provable = [], []
-        for q, result in zip(queries, results):
+        for q, result in zip(queries, results, strict=True):
             provable.append(any(node is not None for _, node in result.proof.queries()))
-            values.append(result.result.get(q.substitute().query, 0.0))
+            values.append(result.result[q.substitute().query])  # 0.0 (a float) if unprovable
         like = next((v for v in values if isinstance(v, torch.Tensor)), None)
         probs = _scalars(values, like, self.device)  # (Q,)
-        return QueryProbs(probs, torch.tensor(provable, dtype=torch.bool))
+        return QueryProbs(probs, torch.tensor(provable, dtype=torch.bool, device=self.device))
 
     def answers(
         self, queries: Sequence[Query], tables: Mapping[str, ProbabilityTable]
@@ -499,13 +533,15 @@ class LogicModel:
                     f"query {q.query} has output indices {tuple(q.output_ind)}; answers need "
                     f"exactly one output argument"
                 )
-        open_queries = [q.variable_output() for q in queries]
+        open_queries = [_shareable(q).variable_output() for q in queries]
         with self._bound(tables):
             results = self.model.solve(open_queries)
         out = []
-        for q, result in zip(queries, results):
+        for q, result in zip(queries, results, strict=True):
             (i,) = q.output_ind
-            out.append({key.args[i]: p for key, p in result.result.items()})
+            # a query without answers comes back as itself, output still a variable, p = 0
+            found = {key.args[i]: p for key, p in result.result.items()}
+            out.append({answer: p for answer, p in found.items() if answer.is_ground()})
         return out
 
     def answer_probs(
@@ -531,7 +567,7 @@ class LogicModel:
         """
         column = {value: a for a, value in enumerate(domain)}
         rows, provable, like = [], [], None
-        for q, dist in zip(queries, self.answers(queries, tables)):
+        for q, dist in zip(queries, self.answers(queries, tables), strict=True):
             row: list[Any] = [0.0] * len(domain)
             for answer, p in dist.items():
                 value = term_value(answer)
@@ -544,10 +580,9 @@ class LogicModel:
                 like = p if isinstance(p, torch.Tensor) else like
             rows.append(row)
             provable.append(len(dist) > 0)
-        probs = torch.stack([_scalars(r, like, self.device) for r in rows]) if rows else None
-        if probs is None:
-            probs = torch.zeros(0, len(domain), device=self.device)  # (0, A)
-        return QueryProbs(probs, torch.tensor(provable, dtype=torch.bool))  # (Q, A), (Q,)
+        probs = [_scalars(row, like, self.device) for row in rows]  # Q x (A,)
+        probs = torch.stack(probs) if probs else torch.zeros(0, len(domain), device=self.device)
+        return QueryProbs(probs, torch.tensor(provable, dtype=torch.bool, device=self.device))
 
     def best_answers(
         self, queries: Sequence[Query], tables: Mapping[str, ProbabilityTable]
@@ -577,7 +612,7 @@ class LogicModel:
             networks the queries never reach are absent.
         """
         keys: dict[str, dict[Term, None]] = {}
-        for q in queries:
+        for q in map(_shareable, queries):
             circuit = self.model.solver.cache.get(q)
             for network, inputs in circuit.extract_neural():
                 key = term2list(inputs.apply_term(q.substitution), False)[0]

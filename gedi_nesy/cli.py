@@ -64,11 +64,13 @@ def build_task(params: dict[str, Any], data_root: str | None) -> Any:
         from tasks import TASKS
     except ImportError:
         raise ConfigError(
-            "the tasks package is not importable; run from a checkout installed with pip install -e ."
+            "the tasks package is not importable; install the checkout with pip install -e ."
         ) from None
     name = params.get("name")
     if name not in TASKS:
-        raise ConfigError(f"task.name = {name!r} is unknown; known tasks: {', '.join(sorted(TASKS))}")
+        raise ConfigError(
+            f"task.name = {name!r} is unknown; known tasks: {', '.join(sorted(TASKS))}"
+        )
     module, func = TASKS[name].split(":")
     return getattr(importlib.import_module(module), func)(params, data_root)
 

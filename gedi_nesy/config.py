@@ -158,13 +158,14 @@ def load_config(path: str | Path | None, cls: type[C], overrides: list[str] | No
     Args:
         path: YAML file, or None for the defaults.
         cls: the top-level config dataclass, e.g. :class:`GediRunConfig`.
-        overrides: strings ``a.b=value``; the value is parsed as YAML (``1e-3``, ``true``, ``[1, 2]``).
+        overrides: strings ``a.b=value``; each value is parsed as YAML (``true``, ``[1, 2]``).
 
     Returns:
         An instance of ``cls``.
 
     Raises:
-        ConfigError: the file is missing or not a mapping, a key is unknown, or a value has the wrong type.
+        ConfigError: the file is missing or not a mapping, a key is unknown, or a value has the
+            wrong type.
     """
     raw: dict[str, Any] = {}
     if path is not None:
@@ -176,7 +177,9 @@ def load_config(path: str | Path | None, cls: type[C], overrides: list[str] | No
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass a YAML file, e.g. configs/*.yaml")
+        raise ConfigError(
+            f"config file {path} does not exist; pass a YAML file, e.g. configs/*.yaml"
+        )
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -186,13 +189,17 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(
+            f"config file {path} must hold a mapping of sections, got {type(raw).__name__}"
+        )
     return raw
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
     if "=" not in item:
-        raise ConfigError(f"override {item!r} is not of the form key.sub=value, e.g. optim.lr=0.001")
+        raise ConfigError(
+            f"override {item!r} is not of the form key.sub=value, e.g. optim.lr=0.001"
+        )
     key, value = item.split("=", 1)
     parts = key.strip().split(".")
     node = raw

@@ -1,7 +1,8 @@
 """Energy of a GEDI network from its cluster logits (JEM form).
 
 With cluster logits ``z(x)`` of shape (B, K), GEDI defines ``p(x, y) ∝ exp(z_y(x))`` and hence the
-marginal energy ``E(x) = -logsumexp_y z_y(x)`` and the class-conditional energy ``E(x, y) = -z_y(x)``.
+marginal energy ``E(x) = -logsumexp_y z_y(x)`` and the class-conditional energy
+``E(x, y) = -z_y(x)``.
 """
 
 from __future__ import annotations

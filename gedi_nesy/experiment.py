@@ -16,7 +16,7 @@ from tqdm import tqdm
 from gedi_nesy.bridge import LogicModel
 from gedi_nesy.config import NesyRunConfig, to_dict
 from gedi_nesy.loop import StepLog, batch_indices
-from gedi_nesy.metrics import confusion_matrix, concept_report
+from gedi_nesy.metrics import concept_report, confusion_matrix
 from gedi_nesy.plots import save_confusion_png
 from gedi_nesy.runtime import (
     atomic_write_json,
@@ -37,12 +37,14 @@ def build_trainer(cfg: NesyRunConfig, task: TaskData, device: torch.device) -> J
     """A :class:`GEDINet` per network of the task, the logic engine, and the joint trainer."""
     nets = {}
     for name, k in task.networks.items():
-        model_cfg = cfg.model if cfg.model.k == k else type(cfg.model)(**{**vars(cfg.model), "k": k})
+        model_cfg = (
+            cfg.model if cfg.model.k == k else type(cfg.model)(**{**vars(cfg.model), "k": k})
+        )
         nets[name] = build_net(model_cfg)
     logic = LogicModel(task.program, task.networks)
     return JointTrainer(
         logic, nets, task.sources, gedi=cfg.gedi, sgld=cfg.sgld, augment=cfg.augment,
-        optim=cfg.optim, device=device,
+        optim=cfg.optim, device=device, eval_batch=cfg.logic.eval_batch,
     )  # fmt: skip
 
 

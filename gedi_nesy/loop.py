@@ -34,7 +34,9 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
     return perm[i * batch_size : (i + 1) * batch_size]
 
 
-def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, final_frac: float = 0.1) -> float:
+def warmup_cosine(
+    step: int, *, warmup_steps: int, total_steps: int, final_frac: float = 0.1
+) -> float:
     """Learning-rate factor: linear warm-up to 1, then cosine decay to ``final_frac``."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps

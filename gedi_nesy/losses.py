@@ -68,7 +68,7 @@ def generative_loss(e_data: torch.Tensor, e_sample: torch.Tensor) -> torch.Tenso
 
 
 def energy_penalty(e_data: torch.Tensor, e_sample: torch.Tensor) -> torch.Tensor:
-    """Energy-magnitude penalty ``mean E(x)^2 + mean E(x~)^2`` that keeps JEM-style training stable."""
+    """Energy-magnitude penalty ``mean E(x)^2 + mean E(x~)^2``; stabilises JEM-style runs."""
     return e_data.pow(2).mean() + e_sample.pow(2).mean()
 
 

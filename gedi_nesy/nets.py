@@ -1,8 +1,8 @@
 """The GEDI network: a small CNN encoder, a projector and a cluster head with temperature.
 
-``GEDINet(x)`` returns cluster logits ``z(x)`` of shape (B, K); ``concept_probs`` is the softmax, the
-output a DeepProbLog neural predicate sees. No BatchNorm: batch statistics make SGLD and per-query
-evaluation inconsistent, so the encoder uses no normalisation or GroupNorm.
+``GEDINet(x)`` returns cluster logits ``z(x)`` of shape (B, K); ``concept_probs`` is the softmax,
+the output a DeepProbLog neural predicate sees. No BatchNorm: batch statistics make SGLD and
+per-query evaluation inconsistent, so the encoder uses no normalisation or GroupNorm.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def _norm(kind: str, channels: int) -> nn.Module:
 
 
 class Encoder(nn.Module):
-    """Four 3x3 conv layers with SiLU (smooth, so SGLD gets useful input gradients) for 28x28 images.
+    """Four conv layers with SiLU (smooth, so SGLD gets useful input gradients), for 28x28 images.
 
     Args:
         in_channels: image channels.

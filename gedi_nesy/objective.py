@@ -105,7 +105,7 @@ class GediObjective:
         return x
 
     def __call__(self, x: torch.Tensor) -> GediLoss:
-        """Unweighted loss parts on images ``x`` (B, C, H, W); parts with weight 0 are not computed."""
+        """Unweighted loss parts on images ``x`` (B, C, H, W); parts of weight 0 are skipped."""
         w = self.weights
         zero = x.new_zeros(())
         use_views = w.inv != 0.0 or w.prior != 0.0 or w.swav != 0.0

@@ -65,7 +65,8 @@ def _check_energies(e: torch.Tensor, step: int, max_abs_energy: float) -> None:
     worst = e.detach().abs().max().item()
     if worst > max_abs_energy:
         raise TrainingError(
-            f"SGLD step {step}: |E| = {worst:.3g} exceeds sgld.max_abs_energy = {max_abs_energy:g}; "
+            f"SGLD step {step}: |E| = {worst:.3g} exceeds sgld.max_abs_energy = "
+            f"{max_abs_energy:g}; "
             "lower sgld.step_size, set gedi.energy_reg > 0 or lower gedi.w_gen"
         )
 

@@ -62,7 +62,9 @@ class _Run:
             image_shape=(1, 28, 28), device=device, seed=cfg.optim.seed,
         )  # fmt: skip
         o = cfg.optim
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        self.optimizer = torch.optim.Adam(
+            self.net.parameters(), lr=o.lr, weight_decay=o.weight_decay
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: warmup_cosine(s, warmup_steps=o.warmup_steps, total_steps=o.steps),
@@ -104,7 +106,9 @@ def _train_step(run: _Run, x: torch.Tensor) -> dict[str, float]:
     return values
 
 
-def train_gedi(cfg: GediRunConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def train_gedi(
+    cfg: GediRunConfig, *, resume: bool = False, progress: bool = True
+) -> dict[str, Any]:
     """Train a GEDI network unsupervised on MNIST-train, evaluate it, write the run folder.
 
     Args:
@@ -192,5 +196,3 @@ def evaluate_gedi(
     if objective.buffer is not None:
         save_image_grid(objective.buffer.samples[:64].cpu(), run_dir / "samples.png", nrow=8)
     return metrics
-
-

@@ -48,7 +48,7 @@ def logic_loss(probs: torch.Tensor, provable: torch.Tensor) -> torch.Tensor:
 
 
 def tensor_keys(queries: Sequence[Query]) -> list[Term]:
-    """The distinct ``tensor(...)`` terms the (substituted) queries refer to, in first-seen order."""
+    """The distinct ``tensor(...)`` terms the (substituted) queries use, in first-seen order."""
     seen: dict[Term, None] = {}
     for q in queries:
         stack = [q.substitute().query]
@@ -68,7 +68,8 @@ class JointTrainer:
         logic: engine with ``query_probs(queries, tables) -> (probs (Q,), provable (Q,))`` and
             ``answer_probs``; see :class:`gedi_nesy.bridge.LogicModel`.
         nets: network name -> module returning logits (B, K) (a :class:`GEDINet` or any module).
-        sources: tensor-source name -> images (N, C, H, W); ``tensor(src(i))`` is ``sources[src][i]``.
+        sources: tensor-source name -> images (N, C, H, W); ``tensor(src(i))`` is
+            ``sources[src][i]``.
         gedi: GEDI objective config; with every weight 0 only the logic loss is trained.
         sgld: sampler config.
         augment: augmentation config.
@@ -76,6 +77,7 @@ class JointTrainer:
         device: where the networks and the GEDI terms run.
         logic_device: where probabilities are handed to the logic engine (CPU is fastest for
             DeepProbLog's scalar ops; gradients still flow back to the networks' device).
+        eval_batch: queries per logic call when predicting answers.
     """
 
     def __init__(
@@ -89,10 +91,12 @@ class JointTrainer:
         augment: AugmentConfig,
         optim: NesyOptimConfig,
         device: torch.device,
-        logic_device: torch.device = torch.device("cpu"),
+        logic_device: torch.device | str = "cpu",
+        eval_batch: int = 64,
     ) -> None:
         self.logic, self.sources, self.optim_cfg = logic, dict(sources), optim
-        self.device, self.logic_device = device, logic_device
+        self.device, self.logic_device = device, torch.device(logic_device)
+        self.eval_batch = eval_batch
         self.nets = {name: net.to(device) for name, net in nets.items()}
         params = [p for net in self.nets.values() for p in net.parameters()]
         self.optimizer = torch.optim.Adam(params, lr=optim.lr, weight_decay=optim.weight_decay)
@@ -143,30 +147,30 @@ class JointTrainer:
             parts: GediLoss = objective(images)
             total = total + weighted_total(parts, objective.weights)
             prefix = "" if len(self.objectives) == 1 else f"{name}."
-            logged.update({prefix + k: v for k, v in active_parts(parts, objective.weights).items()})
+            logged.update(
+                {prefix + k: v for k, v in active_parts(parts, objective.weights).items()}
+            )
         return total, logged
 
-    def train_step(
+    def loss(
         self, queries: Sequence[Query], extra: torch.Tensor | None = None
-    ) -> dict[str, float]:
-        """zero_grad, batched forward, logic + GEDI loss, one backward, clip, one step.
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The joint loss of a minibatch: batched forward, logic loss, GEDI parts.
 
         Args:
             queries: the minibatch's queries.
             extra: unlabelled images (m, C, H, W) for the GEDI terms only, or None.
 
         Returns:
-            The logged values: ``logic``, each active GEDI part, ``total``, ``unprovable``.
+            (total loss, logged values: ``logic``, each active GEDI part, ``total``,
+            ``unprovable``).
         """
-        for net in self.nets.values():
-            net.train()
-        self.optimizer.zero_grad(set_to_none=True)
         keys = tensor_keys(queries)
         images = self.images(keys)  # (n, C, H, W)
         tables, _ = self.forward_tables(keys, images)
         probs, provable = self.logic.query_probs(queries, tables)  # (Q,), (Q,)
         l_logic = logic_loss(probs, provable)
-        values = {"logic": float(l_logic.detach())}
+        values: dict[str, float] = {"logic": float(l_logic.detach())}
         total = l_logic.to(self.device)
         if self.uses_gedi:
             gedi_images = images if extra is None else torch.cat([images, extra.to(self.device)])
@@ -175,7 +179,24 @@ class JointTrainer:
             values.update(logged)
         values["total"] = float(total.detach())
         values["unprovable"] = int((~provable).sum())
-        self.n_unprovable += values["unprovable"]
+        return total, values
+
+    def train_step(
+        self, queries: Sequence[Query], extra: torch.Tensor | None = None
+    ) -> dict[str, float]:
+        """zero_grad, :meth:`loss`, one backward, gradient clipping, one optimiser step.
+
+        Args:
+            queries: the minibatch's queries.
+            extra: unlabelled images for the GEDI terms only, or None.
+
+        Returns:
+            The logged values of :meth:`loss`.
+        """
+        for net in self.nets.values():
+            net.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total, values = self.loss(queries, extra)
         check_finite(values, self.step)
         total.backward()
         if self.optim_cfg.grad_clip > 0:
@@ -183,25 +204,21 @@ class JointTrainer:
             nn.utils.clip_grad_norm_(params, self.optim_cfg.grad_clip)
         self.optimizer.step()
         self.step += 1
+        self.n_unprovable += values["unprovable"]
         return values
 
     @torch.no_grad()
     def predict_answers(self, queries: Sequence[Query]) -> list[Term | None]:
-        """The most probable answer of each query's output argument (None: no answer is provable)."""
+        """The most probable answer of each query's output argument (None: none is provable)."""
         for net in self.nets.values():
             net.eval()
         predictions: list[Term | None] = []
-        step = self.logic_eval_batch
-        for start in range(0, len(queries), step):
-            chunk = list(queries[start : start + step])
+        for start in range(0, len(queries), self.eval_batch):
+            chunk = list(queries[start : start + self.eval_batch])
             keys = tensor_keys(chunk)
             tables, _ = self.forward_tables(keys, self.images(keys))
             predictions.extend(self.logic.best_answers(chunk, tables))
         return predictions
-
-    @property
-    def logic_eval_batch(self) -> int:
-        return getattr(self.logic, "eval_batch", 64)
 
     def task_accuracy(self, queries: Sequence[Query]) -> float:
         """Fraction of queries whose most probable answer equals the query's own output value."""

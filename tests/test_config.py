@@ -19,8 +19,9 @@ def test_shipped_configs_load():
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, GediRunConfig, ["optim.lr=1e-3", "augment.scale=[0.9, 1.1]",
-                                            "data.n_train=100", "gedi.symmetric_inv=true"])  # fmt: skip
+    overrides = ["optim.lr=1e-3", "augment.scale=[0.9, 1.1]", "data.n_train=100",
+                 "gedi.symmetric_inv=true"]  # fmt: skip
+    cfg = load_config(None, GediRunConfig, overrides)
     assert cfg.optim.lr == 0.001 and isinstance(cfg.optim.lr, float)
     assert cfg.augment.scale == (0.9, 1.1)
     assert cfg.data.n_train == 100 and cfg.gedi.symmetric_inv is True

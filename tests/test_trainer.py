@@ -1,0 +1,188 @@
+"""The joint trainer: DeepProbLog's own gradients with the GEDI weights at 0, the GEDI terms,
+unprovable-query counting, and a joint run that resumes to the same result."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from deepproblog.engines import ExactEngine
+from deepproblog.model import Model
+from deepproblog.network import Network
+from deepproblog.query import Query
+from deepproblog.train import TrainObject
+from problog.logic import Constant, Term
+
+import gedi_nesy.experiment as experiment
+from gedi_nesy.augment import AugmentConfig
+from gedi_nesy.bridge import LogicModel
+from gedi_nesy.cli import main
+from gedi_nesy.config import GediConfig, NesyOptimConfig, SGLDConfig
+from gedi_nesy.nets import GEDINet
+from gedi_nesy.trainer import JointTrainer, logic_loss, tensor_keys
+
+ROOT = Path(__file__).resolve().parents[1]
+ADDITION = ROOT / "programs/addition.pl"
+
+
+class _Images:
+    """DeepProbLog tensor source: ``tensor(img(i))`` -> image i."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __getitem__(self, args):
+        return self.images[int(args[0])]
+
+
+def _queries(pairs_and_sums):
+    out = []
+    for a, b, s in pairs_and_sums:
+        subs = {Term("p0"): Term("tensor", Term("img", Constant(a))),
+                Term("p1"): Term("tensor", Term("img", Constant(b)))}  # fmt: skip
+        out.append(Query(Term("addition", Term("p0"), Term("p1"), Constant(s)), subs))
+    return out
+
+
+def _trainer(net, images, gedi: GediConfig) -> JointTrainer:
+    return JointTrainer(
+        LogicModel(ADDITION, {"digit_net": 10}), {"digit_net": net}, {"img": images},
+        gedi=gedi, sgld=SGLDConfig(buffer_size=32, n_steps=2), augment=AugmentConfig(),
+        optim=NesyOptimConfig(), device=torch.device("cpu"),
+    )  # fmt: skip
+
+
+def _small_net(seed: int = 0) -> GEDINet:
+    torch.manual_seed(seed)
+    return GEDINet(k=10, width=4, feature_dim=16, proj_dim=8)
+
+
+OFF = GediConfig(w_gen=0.0, w_inv=0.0, w_prior=0.0)
+QUERIES = [(0, 1, 7), (2, 3, 12), (4, 5, 0), (6, 7, 18), (1, 6, 9)]
+
+
+def test_gradients_equal_deepproblogs_own_training_step():
+    images = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    queries = _queries(QUERIES)
+
+    ours = _small_net()
+    total, values = _trainer(ours, images, OFF).loss(queries)
+    total.backward()
+
+    stock = _small_net()  # same seed: same weights
+    module = torch.nn.Sequential(stock, torch.nn.Softmax(-1))
+    model = Model(ADDITION.read_text(), [Network(module, "digit_net", batching=True)], load=False)
+    model.set_engine(ExactEngine(model), cache=True)
+    model.add_tensor_source("img", _Images(images))
+    stock_loss = TrainObject(model).get_loss(queries, model.solver.semiring.cross_entropy)
+
+    assert values["logic"] == pytest.approx(float(stock_loss), rel=1e-6)
+    assert values["unprovable"] == 0
+    for (name, p), q in zip(ours.named_parameters(), stock.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), name
+
+
+def test_logic_loss_counts_unprovable_and_keeps_them_out_of_the_mean():
+    probs = torch.tensor([0.5, 0.0, 0.25], dtype=torch.float64)
+    provable = torch.tensor([True, False, True])
+    # -(log 0.5 + log 0.25) / 2 = 1.5 log 2
+    assert logic_loss(probs, provable).item() == pytest.approx(1.5 * 0.6931471805599453, rel=1e-9)
+    assert logic_loss(probs, torch.zeros(3, dtype=torch.bool)).item() == 0.0
+    images = torch.rand(8, 1, 28, 28) * 2 - 1
+    _, values = _trainer(_small_net(), images, OFF).loss(_queries([(0, 1, 3), (2, 3, 19)]))
+    assert values["unprovable"] == 1  # no two digits sum to 19
+
+
+def test_tensor_keys_are_distinct_in_first_seen_order():
+    keys = tensor_keys(_queries([(3, 1, 4), (1, 2, 3)]))
+    assert [int(k.args[0].args[0]) for k in keys] == [3, 1, 2]
+
+
+def test_gedi_terms_join_the_loss_and_every_part_is_logged():
+    images = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    gedi = GediConfig(w_gen=1.0, w_inv=0.5, w_prior=0.5)
+    trainer = _trainer(_small_net(), images, gedi)
+    values = trainer.train_step(_queries(QUERIES), extra=images[:3])
+    assert {"logic", "gen", "inv", "prior", "total", "unprovable"} <= set(values)
+    expected = values["logic"] + values["gen"] + 0.5 * values["inv"] + 0.5 * values["prior"]
+    assert values["total"] == pytest.approx(expected, rel=1e-5)
+    assert trainer.step == 1
+
+
+def test_task_accuracy_with_a_perfect_concept_network():
+    labels = torch.tensor([3, 5, 0, 9, 7, 1, 2, 8])
+
+    class Oracle(torch.nn.Module):  # image i holds the value i; logits put all mass on its digit
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(()))  # something for the optimiser
+
+        def forward(self, x):
+            idx = x.flatten(1)[:, 0].round().long()  # (B,)
+            return torch.nn.functional.one_hot(labels[idx], 10).float() * 50.0
+
+    images = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 28, 28).contiguous()
+    oracle = Oracle()
+    oracle.tau = 1.0
+    trainer = _trainer(oracle, images, OFF)
+    right = _queries([(0, 1, 8), (2, 3, 9), (4, 5, 8)])
+    wrong = _queries([(0, 1, 7), (6, 7, 1)])
+    assert trainer.task_accuracy(right) == 1.0
+    assert trainer.task_accuracy(right + wrong) == pytest.approx(3 / 5)
+
+
+needs_data = pytest.mark.skipif(
+    not os.environ.get("GEDI_NESY_DATA"), reason="set GEDI_NESY_DATA to the raw MNIST folder"
+)
+SMOKE = str(ROOT / "configs/smoke_train.yaml")
+
+
+@needs_data
+def test_train_smoke_run_and_resume_to_the_same_result(tmp_path, monkeypatch):
+    common = ["train", SMOKE, "--no-progress"]
+    assert main(common + ["--set", f"out_dir={tmp_path / 'straight'}"]) == 0
+    run = tmp_path / "straight/smoke_train"
+    for name in ["config.yaml", "metrics.json", "log.jsonl", "checkpoint.pt",
+                 "confusion_digit_net.png", "confusion_digit_net.json"]:  # fmt: skip
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and 0.0 <= metrics["test_task_acc"] <= 1.0
+    assert metrics["unprovable_train_queries"] == 0
+
+    real_step = JointTrainer.train_step
+
+    def crash_at_step_2(self, queries, extra=None):
+        if self.step == 2:  # the checkpoint of step 2 is on disk; die before step 3
+            raise KeyboardInterrupt
+        return real_step(self, queries, extra)
+
+    monkeypatch.setattr(JointTrainer, "train_step", crash_at_step_2)
+    killed = ["--set", f"out_dir={tmp_path / 'killed'}"]
+    with pytest.raises(KeyboardInterrupt):
+        main(common + killed)
+    monkeypatch.setattr(JointTrainer, "train_step", real_step)
+    assert main(common + killed + ["--resume"]) == 0
+
+    a = torch.load(run / "checkpoint.pt", weights_only=False)["trainer"]
+    b = torch.load(tmp_path / "killed/smoke_train/checkpoint.pt", weights_only=False)["trainer"]
+    assert a["step"] == b["step"] == 4
+    for key, value in a["nets"]["digit_net"].items():
+        assert torch.equal(value, b["nets"]["digit_net"][key]), key
+    straight = json.loads((run / "metrics.json").read_text())
+    resumed = json.loads((tmp_path / "killed/smoke_train/metrics.json").read_text())
+    assert straight["test_task_acc"] == resumed["test_task_acc"]
+    assert straight["acc_c"] == resumed["acc_c"]
+
+
+def test_unknown_task_is_a_one_line_error(capsys):
+    assert main(["train", SMOKE, "--set", "task.name=sudoku"]) == 2
+    err = capsys.readouterr().err
+    assert "task.name = 'sudoku' is unknown; known tasks: mnist_addition" in err
+
+
+def test_experiment_never_imports_tasks():
+    source = Path(experiment.__file__).read_text()
+    assert "import tasks" not in source and "from tasks" not in source
