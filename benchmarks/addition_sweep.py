@@ -4,7 +4,8 @@ Runs ``gedi-nesy train`` once per (method, n_train, seed) in parallel processes,
 metrics.json exists (a killed sweep loses only the runs in flight), and prints a markdown table of
 mean ± std. Example (the command behind docs/benchmarks.md):
 
-    python benchmarks/addition_sweep.py --out runs/sweep --n-train 100 300 1000 --seeds 0 1 2
+    python benchmarks/addition_sweep.py --out runs/sweep --n-train 100 300 1000 --seeds 0 1 2 \
+        --set task.n_test=1000
 """
 
 from __future__ import annotations
@@ -24,13 +25,17 @@ METHODS = {
 COLUMNS = ["acc_c", "acc_c_matched", "nmi_c", "test_task_acc", "train_seconds"]
 
 
-def run_one(config: str, out: Path, method: str, n: int, seed: int, extra: list[str]) -> Path:
+def run_one(
+    config: str, out: Path, method: str, n: int, seed: int, budget: int, extra: list[str]
+) -> Path:
     name = f"{method}_n{n}_s{seed}"
     run_dir = out / name
     if (run_dir / "metrics.json").is_file():
         return run_dir
+    epochs = max(1, -(-budget // n))  # the same number of training queries for every size
     sets = [f"out_dir={out}", f"name={name}", f"task.n_train={n}", f"task.seed={seed}",
-            f"optim.seed={seed}", *METHODS[method], *extra]  # fmt: skip
+            f"optim.seed={seed}", f"optim.epochs={epochs}", f"logic.cache_dir={out / 'circuits'}",
+            *METHODS[method], *extra]  # fmt: skip
     cmd = [sys.executable, "-m", "gedi_nesy", "train", config, "--no-progress"]
     for s in sets:
         cmd += ["--set", s]
@@ -69,11 +74,15 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--budget", type=int, default=6000, help="training queries per run (epochs x n)")
     p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
     grid = [(m, n, s) for n in args.n_train for s in args.seeds for m in args.methods]
     with ThreadPoolExecutor(args.jobs) as pool:
-        done = [pool.submit(run_one, args.config, args.out, m, n, s, args.extra) for m, n, s in grid]
+        done = [
+            pool.submit(run_one, args.config, args.out, m, n, s, args.budget, args.extra)
+            for m, n, s in grid
+        ]
         for future in done:
             future.result()
     print(table(args.out, args.n_train, args.seeds))

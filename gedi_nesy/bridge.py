@@ -14,7 +14,10 @@ This module and ``trainer.py`` are the only library modules that import deepprob
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,17 +25,20 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from deepproblog.engines import ExactEngine
-from deepproblog.model import Model
-from deepproblog.network import Network
-from deepproblog.query import Query
-from deepproblog.semiring.graph_semiring import GraphSemiring
-from deepproblog.solver import Solver
 from problog.errors import ParseError
 from problog.logic import Clause, Constant, Or, Term, is_list, term2list
 from problog.program import PrologString
 
 from gedi_nesy.errors import DataError, ProgramError
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)  # deepproblog.engines: "PySwip could not be found"
+    from deepproblog.engines import ExactEngine
+    from deepproblog.model import Model
+    from deepproblog.network import Network
+    from deepproblog.query import Query
+    from deepproblog.semiring.graph_semiring import GraphSemiring
+    from deepproblog.solver import Solver
 
 __all__ = [
     "ExactZeroSemiring",
@@ -398,6 +404,11 @@ def _shareable(query: Query) -> Query:
     return Query(query.substitute().query, None, query.p, query.output_ind)
 
 
+def _as_float(p: Any) -> float:
+    """A probability (tensor or float) as a plain float."""
+    return float(p.detach()) if isinstance(p, torch.Tensor) else float(p)
+
+
 def _scalars(values: Sequence[Any], like: Any, device: torch.device) -> torch.Tensor:
     """Stack tensors and plain floats (constant probabilities) into one (len,) tensor."""
     dtype = like.dtype if like is not None else torch.get_default_dtype()
@@ -450,13 +461,14 @@ class LogicModel:
         self.device = torch.device(device)
         self._lookups = {name: _LookupNetwork(name) for name in networks}
         self.model = Model(text, list(self._lookups.values()), load=False)
-        self.model.solver = Solver(
-            self.model,
-            ExactEngine(self.model),
-            semiring=ExactZeroSemiring,
-            cache=True,
-            sdd_auto_gc=sdd_auto_gc,
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # its Solver prints "Caching ACs"
+            self.model.solver = Solver(
+                self.model,
+                ExactEngine(self.model),
+                semiring=ExactZeroSemiring,
+                cache=True,
+                sdd_auto_gc=sdd_auto_gc,
+            )
 
     @contextmanager
     def _bound(self, tables: Mapping[str, ProbabilityTable]) -> Iterator[None]:
@@ -598,7 +610,7 @@ class LogicModel:
         """
         best: list[Term | None] = []
         for dist in self.answers(queries, tables):
-            best.append(max(dist, key=lambda a: float(dist[a])) if dist else None)
+            best.append(max(dist, key=lambda a: _as_float(dist[a])) if dist else None)
         return best
 
     def referenced_keys(self, queries: Sequence[Query]) -> dict[str, list[Term]]:

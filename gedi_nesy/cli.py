@@ -23,6 +23,12 @@ def get_parser() -> argparse.ArgumentParser:
     _add_run_args(train)
     gedi = sub.add_parser("gedi", help="train a GEDI network unsupervised on MNIST, evaluate it")
     _add_run_args(gedi)
+    audit = sub.add_parser(
+        "audit", help="count the deterministic concept maps a task's data allows"
+    )
+    audit.add_argument("task", help="task name, e.g. mnist_evenodd")
+    audit.add_argument("--limit", type=int, default=50, help="how many maps to list")
+    audit.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
 
@@ -54,8 +60,8 @@ def _run_gedi(args: argparse.Namespace) -> dict[str, Any]:
     return metrics
 
 
-def build_task(params: dict[str, Any], data_root: str | None) -> Any:
-    """Resolve ``params["name"]`` in the ``tasks`` registry and build the task (imported lazily)."""
+def _task_module(name: Any) -> Any:
+    """The module of task ``name`` from the ``tasks`` registry, imported lazily."""
     import importlib
 
     from gedi_nesy.errors import ConfigError
@@ -66,13 +72,32 @@ def build_task(params: dict[str, Any], data_root: str | None) -> Any:
         raise ConfigError(
             "the tasks package is not importable; install the checkout with pip install -e ."
         ) from None
-    name = params.get("name")
     if name not in TASKS:
         raise ConfigError(
             f"task.name = {name!r} is unknown; known tasks: {', '.join(sorted(TASKS))}"
         )
-    module, func = TASKS[name].split(":")
-    return getattr(importlib.import_module(module), func)(params, data_root)
+    return importlib.import_module(TASKS[name].split(":")[0])
+
+
+def build_task(params: dict[str, Any], data_root: str | None) -> Any:
+    """Build the task named by ``params["name"]`` from its config section."""
+    return _task_module(params.get("name")).build(params, data_root)
+
+
+def _run_audit(args: argparse.Namespace) -> dict[str, Any]:
+    import json
+
+    from gedi_nesy.audit import audit, audit_to_dict, format_audit
+    from gedi_nesy.errors import ConfigError
+
+    module = _task_module(args.task)
+    if not hasattr(module, "audit_spec"):
+        raise ConfigError(
+            f"task {args.task!r} has no audit_spec; audit mnist_evenodd or mnist_half"
+        )
+    result = audit(*module.audit_spec({"name": args.task}), limit=args.limit)
+    print(json.dumps(audit_to_dict(result)) if args.json else format_audit(result))
+    return {}
 
 
 def _run_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -86,7 +111,7 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any]:
     return metrics
 
 
-COMMANDS = {"gedi": _run_gedi, "train": _run_train}
+COMMANDS = {"gedi": _run_gedi, "train": _run_train, "audit": _run_audit}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,5 +122,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GediNesyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    _print_table(metrics)
+    if metrics:
+        _print_table(metrics)
     return 0

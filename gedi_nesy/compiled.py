@@ -26,8 +26,9 @@ where -log p > 87; DeepProbLog underflows at the same point.
 Differences from stock DeepProbLog: ``x * 0.0`` with a plain-float zero is dropped (as
 :class:`gedi_nesy.bridge.ExactZeroSemiring` does; the same values and gradients for finite
 inputs), and sums and products are re-associated, so results agree to rounding (~1e-16
-relative in float64). Not supported: ``t(...)`` learnable probabilities, ``nn/3`` and tensor
-predicates (:func:`gedi_nesy.bridge.check_program` rejects them), and evidence in the program.
+relative in float64). On CUDA the scatter-add sums in no fixed order (last-bit differences).
+Not supported, as in :func:`gedi_nesy.bridge.check_program`: ``t(...)`` learnable
+probabilities, ``nn/3`` / ``nn/2``, networks with several inputs, DeepProbLog's tensor builtins.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,11 +47,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from deepproblog.engines import ExactEngine
-from deepproblog.model import Model
-from deepproblog.network import Network
-from deepproblog.query import Query
-from deepproblog.solver import Solver
 from problog.errors import ProbLogError
 from problog.evaluator import Semiring
 from problog.formula import LogicDAG, LogicFormula
@@ -64,6 +61,14 @@ from gedi_nesy.bridge import (
     term_value,
 )
 from gedi_nesy.errors import DataError, ProgramError
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)  # deepproblog.engines: "PySwip could not be found"
+    from deepproblog.engines import ExactEngine
+    from deepproblog.model import Model
+    from deepproblog.network import Network
+    from deepproblog.query import Query
+    from deepproblog.solver import Solver
 
 __all__ = [
     "FORMAT_VERSION",
@@ -352,17 +357,6 @@ _ARRAY_FIELDS = (
 )  # fmt: skip
 
 
-def _ground(solver: Solver, template: Term) -> LogicFormula:
-    """Ground one template with DeepProbLog's exact engine, as ``Solver.build_ac`` does."""
-    try:
-        return solver.engine.ground(Query(template), label=LogicFormula.LABEL_QUERY)
-    except ProbLogError as error:
-        raise ProgramError(
-            f"grounding the query {template} failed: {error}; check that the program defines "
-            f"the query's predicate for these arguments"
-        ) from None
-
-
 def compile_circuit(solver: Solver, template: Term, *, sdd_auto_gc: bool = True) -> Circuit:
     """Ground, compile and record one query template (ProbLog + pysdd; seconds for big ones).
 
@@ -376,11 +370,17 @@ def compile_circuit(solver: Solver, template: Term, *, sdd_auto_gc: bool = True)
         The recorded circuit; its outputs follow DeepProbLog's result order, and a ground
         template whose query has no answer gets one constant-0 output.
     """
-    ground = _ground(solver, template)
-    proof = LogicDAG.create_from(ground, keep_named=True)  # as ArithmeticCircuit.__init__
-    sdd = SDD.create_from(proof, sdd_auto_gc=sdd_auto_gc)
     recorder = _Recorder()
-    result = sdd.evaluate(semiring=recorder)  # as ArithmeticCircuit.evaluate: name -> value
+    try:
+        ground = solver.engine.ground(Query(template), label=LogicFormula.LABEL_QUERY)
+        proof = LogicDAG.create_from(ground, keep_named=True)  # as ArithmeticCircuit.__init__
+        sdd = SDD.create_from(proof, sdd_auto_gc=sdd_auto_gc)
+        result = sdd.evaluate(semiring=recorder)  # as ArithmeticCircuit.evaluate: name -> value
+    except ProbLogError as error:
+        raise ProgramError(
+            f"compiling the query {template} failed: {error}; check that the program defines "
+            f"the query's predicate for these arguments"
+        ) from None
     provable = any(node is not None for _, node in proof.queries())
     if template.is_ground():
         names, values = [template], [result.get(template, 0.0)]
@@ -535,16 +535,11 @@ def _circuit_arrays(
     for network, inputs, j in build.leaves:
         leaf_atom.append(atoms.setdefault((network, inputs), len(atoms)))
         leaf_class.append(j)
-    term_op, term_a, term_b, term_coef, op_level = [], [], [], [], []
-    level = [0] * (n_consts + n_leaves)
-    for o, (_, _, terms) in enumerate(build.ops):
-        top = 0
-        for coef, a, b in terms:
-            term_op.append(o), term_a.append(nid(a)), term_b.append(nid(b))
-            term_coef.append(coef)
-            top = max(top, level[nid(a)], level[nid(b)])
-        level.append(top + 1)
-        op_level.append(top + 1)
+    terms = [(o, nid(a), nid(b), coef) for o, op in enumerate(build.ops) for coef, a, b in op[2]]
+    term_op, term_a, term_b = (np.array([t[k] for t in terms], np.int64) for k in range(3))
+    level = [0] * (n_consts + n_leaves) + [1] * len(build.ops)  # an op is at least level 1
+    for o, a, b, _ in terms:  # ops are in topological order: operands are levelled first
+        level[base["o"] + o] = max(level[base["o"] + o], 1 + level[a], 1 + level[b])
     return Circuit(
         template=template,
         consts=np.array(list(build.consts), dtype=np.float64),
@@ -554,11 +549,11 @@ def _circuit_arrays(
         atom_input=np.array([str(_single_input(i)) for _, i in atoms], dtype=str),
         op_kind=np.array([k for k, _, _ in build.ops], dtype=np.int64),
         op_const=np.array([c for _, c, _ in build.ops], dtype=np.float64),
-        op_level=np.array(op_level, dtype=np.int64),
-        term_op=np.array(term_op, dtype=np.int64),
-        term_a=np.array(term_a, dtype=np.int64),
-        term_b=np.array(term_b, dtype=np.int64),
-        term_coef=np.array(term_coef, dtype=np.float64),
+        op_level=np.array(level[base["o"] :], dtype=np.int64),
+        term_op=term_op,
+        term_a=term_a,
+        term_b=term_b,
+        term_coef=np.array([t[3] for t in terms], dtype=np.float64),
         outputs=np.array([nid(o) for o in outputs], dtype=np.int64),
         output_names=np.array([str(n) for n in names], dtype=str),
         provable=provable,
@@ -753,15 +748,18 @@ class _Program:
     n_levels: int
 
     def ix(self, name: str, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Entries [start, end) of the index array ``name`` (a view)."""
         a, b = self.segments[name]
         return self.ints[a + start : b if end is None else a + end]
 
     def fx(self, name: str, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Entries [start, end) of the float array ``name`` (a view)."""
         a, b = self.segments[name]
         return self.floats[a + start : b if end is None else a + end]
 
 
 def _pack(arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, tuple[int, int]]]:
+    """Concatenate arrays (one host-to-device copy instead of one each) and name the pieces."""
     segments, start = {}, 0
     for name, a in arrays.items():
         segments[name] = (start, start + len(a))
@@ -795,7 +793,7 @@ def _build_program(
     floats = {"const": np.zeros(n), "coef": np.zeros(t)}
     k = np.asarray(network_k, dtype=np.int64)
     for g, pos, tpos in zip(groups, node_pos, term_pos):
-        _fill(g, pos, tpos, k, node_starts, n_groups, ints, floats)
+        _fill(g, pos, tpos, k, node_starts, ints, floats)
     packed_ints, int_segments = _pack(ints)
     packed_floats, float_segments = _pack(floats)
     return _Program(
@@ -811,7 +809,7 @@ def _build_program(
 
 def _fill(
     g: _Group, pos: np.ndarray, tpos: np.ndarray, network_k: np.ndarray, node_starts: np.ndarray,
-    n_groups: int, ints: dict[str, np.ndarray], floats: dict[str, np.ndarray],
+    ints: dict[str, np.ndarray], floats: dict[str, np.ndarray],
 ) -> None:  # fmt: skip
     """Write one group's constants, leaf indices, terms and outputs into the batch arrays."""
     c, lay = g.layout.circuit, g.layout

@@ -129,8 +129,9 @@ class NesyOptimConfig:
 class LogicConfig:
     """Which exact-inference engine evaluates the program."""
 
-    engine: Literal["deepproblog"] = "deepproblog"
-    eval_batch: int = 64  # queries per evaluation call
+    engine: Literal["compiled", "deepproblog"] = "compiled"  # deepproblog: its own per-query solve
+    cache_dir: str | None = None  # compiled circuits; None: ~/.cache/gedi_nesy/compiled
+    eval_batch: int = 256  # queries per evaluation call
 
 
 @dataclass

@@ -14,7 +14,9 @@ import torch
 from tqdm import tqdm
 
 from gedi_nesy.bridge import LogicModel
-from gedi_nesy.config import NesyRunConfig, to_dict
+from gedi_nesy.compiled import CompiledLogic
+from gedi_nesy.config import LogicConfig, NesyRunConfig, to_dict
+from gedi_nesy.errors import ConfigError
 from gedi_nesy.loop import StepLog, batch_indices
 from gedi_nesy.metrics import concept_report, confusion_matrix
 from gedi_nesy.plots import save_confusion_png
@@ -33,6 +35,13 @@ from gedi_nesy.task import TaskData
 from gedi_nesy.trainer import JointTrainer
 
 
+def build_logic(cfg: LogicConfig, task: TaskData) -> LogicModel | CompiledLogic:
+    """The exact-inference engine the config asks for, over the task's program and networks."""
+    if cfg.engine == "deepproblog":
+        return LogicModel(task.program, task.networks)
+    return CompiledLogic(task.program, task.networks, cache_dir=cfg.cache_dir)
+
+
 def build_trainer(cfg: NesyRunConfig, task: TaskData, device: torch.device) -> JointTrainer:
     """A :class:`GEDINet` per network of the task, the logic engine, and the joint trainer."""
     nets = {}
@@ -41,10 +50,11 @@ def build_trainer(cfg: NesyRunConfig, task: TaskData, device: torch.device) -> J
             cfg.model if cfg.model.k == k else type(cfg.model)(**{**vars(cfg.model), "k": k})
         )
         nets[name] = build_net(model_cfg)
-    logic = LogicModel(task.program, task.networks)
+    logic = build_logic(cfg.logic, task)
     return JointTrainer(
         logic, nets, task.sources, gedi=cfg.gedi, sgld=cfg.sgld, augment=cfg.augment,
         optim=cfg.optim, device=device, eval_batch=cfg.logic.eval_batch,
+        logic_device=device if cfg.logic.engine == "compiled" else "cpu",
     )  # fmt: skip
 
 
@@ -64,7 +74,10 @@ def _extra_images(trainer: JointTrainer, task: TaskData, n: int, step: int) -> t
         return None
     pools = [(src, idx) for src, idx in task.unlabelled.items() if len(idx) > 0]
     if not pools:
-        return None
+        raise ConfigError(
+            f"optim.extra_images = {n}, but task {task.name} has no unlabelled images; "
+            "set optim.extra_images: 0 or give the task unlabelled images (task.n_unlabelled)"
+        )
     src, idx = pools[0]
     gen = torch.Generator().manual_seed(trainer.optim_cfg.seed * 7919 + step)
     pick = idx[torch.randint(len(idx), (n,), generator=gen)]  # (n,)

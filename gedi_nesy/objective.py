@@ -33,10 +33,11 @@ def gedi_weights(cfg: GediConfig) -> GediWeights:
     ``gedi`` uses w_gen, w_inv, w_prior (w_gen = 0 is "GEDI without L_GEN"); ``jem`` keeps only the
     generative term; ``swav`` keeps only the swapped-prediction loss (weight w_inv).
     """
+    reg = cfg.energy_reg if cfg.w_gen != 0.0 else 0.0  # the penalty belongs to the generative term
     if cfg.method == "gedi":
-        return GediWeights(cfg.w_gen, cfg.energy_reg, cfg.w_inv, cfg.w_prior, 0.0)
+        return GediWeights(cfg.w_gen, reg, cfg.w_inv, cfg.w_prior, 0.0)
     if cfg.method == "jem":
-        return GediWeights(cfg.w_gen, cfg.energy_reg, 0.0, 0.0, 0.0)
+        return GediWeights(cfg.w_gen, reg, 0.0, 0.0, 0.0)
     return GediWeights(0.0, 0.0, 0.0, 0.0, cfg.w_inv)
 
 

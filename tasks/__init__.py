@@ -7,4 +7,6 @@ from __future__ import annotations
 
 TASKS = {
     "mnist_addition": "tasks.mnist_addition:build",
+    "mnist_evenodd": "tasks.mnist_evenodd:build",
+    "mnist_half": "tasks.mnist_half:build",
 }

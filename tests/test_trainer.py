@@ -20,6 +20,7 @@ import gedi_nesy.experiment as experiment
 from gedi_nesy.augment import AugmentConfig
 from gedi_nesy.bridge import LogicModel
 from gedi_nesy.cli import main
+from gedi_nesy.compiled import CompiledLogic
 from gedi_nesy.config import GediConfig, NesyOptimConfig, SGLDConfig
 from gedi_nesy.nets import GEDINet
 from gedi_nesy.trainer import JointTrainer, logic_loss, tensor_keys
@@ -47,9 +48,9 @@ def _queries(pairs_and_sums):
     return out
 
 
-def _trainer(net, images, gedi: GediConfig) -> JointTrainer:
+def _trainer(net, images, gedi: GediConfig, logic=None) -> JointTrainer:
     return JointTrainer(
-        LogicModel(ADDITION, {"digit_net": 10}), {"digit_net": net}, {"img": images},
+        logic or LogicModel(ADDITION, {"digit_net": 10}), {"digit_net": net}, {"img": images},
         gedi=gedi, sgld=SGLDConfig(buffer_size=32, n_steps=2), augment=AugmentConfig(),
         optim=NesyOptimConfig(), device=torch.device("cpu"),
     )  # fmt: skip
@@ -83,6 +84,20 @@ def test_gradients_equal_deepproblogs_own_training_step():
     assert values["unprovable"] == 0
     for (name, p), q in zip(ours.named_parameters(), stock.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), name
+
+
+def test_compiled_engine_gives_the_same_loss_and_gradients(tmp_path):
+    images = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    queries = _queries(QUERIES + [(3, 3, 4)])  # one image twice
+    grads = []
+    for logic in [None, CompiledLogic(ADDITION, {"digit_net": 10}, cache_dir=tmp_path)]:
+        net = _small_net()
+        total, values = _trainer(net, images, OFF, logic).loss(queries)
+        total.backward()
+        grads.append((values["logic"], [p.grad.clone() for p in net.parameters()]))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
 def test_logic_loss_counts_unprovable_and_keeps_them_out_of_the_mean():
@@ -142,7 +157,7 @@ SMOKE = str(ROOT / "configs/smoke_train.yaml")
 
 @needs_data
 def test_train_smoke_run_and_resume_to_the_same_result(tmp_path, monkeypatch):
-    common = ["train", SMOKE, "--no-progress"]
+    common = ["train", SMOKE, "--no-progress", "--set", f"logic.cache_dir={tmp_path / 'cc'}"]
     assert main(common + ["--set", f"out_dir={tmp_path / 'straight'}"]) == 0
     run = tmp_path / "straight/smoke_train"
     for name in ["config.yaml", "metrics.json", "log.jsonl", "checkpoint.pt",
