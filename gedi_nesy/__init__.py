@@ -3,13 +3,16 @@ neural predicates, trained jointly with the logic loss.
 
 Public API:
     GEDINet         the network: cluster logits, concept probabilities, energy
-    LogicModel      a ProbLog program with its neural predicates, exact inference
+    CompiledLogic   a ProbLog program with its neural predicates, exact inference compiled once
+                    per query template and evaluated a minibatch at a time (the default engine)
+    LogicModel      the same through DeepProbLog's own per-query solve
     JointTrainer    logic loss + GEDI losses, one batched forward, one backward per step
     load_config     typed YAML configs with overrides
     load_images     MNIST / Fashion-MNIST from raw IDX files
 """
 
 from gedi_nesy.bridge import LogicModel
+from gedi_nesy.compiled import CompiledLogic
 from gedi_nesy.config import GediRunConfig, NesyRunConfig, load_config
 from gedi_nesy.data import load_images
 from gedi_nesy.errors import GediNesyError
@@ -17,6 +20,7 @@ from gedi_nesy.nets import GEDINet
 from gedi_nesy.trainer import JointTrainer
 
 __all__ = [
+    "CompiledLogic",
     "GEDINet",
     "GediNesyError",
     "GediRunConfig",

@@ -364,18 +364,15 @@ class QueryProbs(NamedTuple):
         return int((~self.provable).sum())
 
 
-def _program_text(program: str | os.PathLike[str]) -> tuple[str, str]:
-    """(text, source name) of a program given as a file path or as text."""
-    if isinstance(program, os.PathLike):
-        path = Path(program)
+def program_text(program: str | os.PathLike[str]) -> tuple[str, str]:
+    """(text, source name) of a program given as a path (``Path``, or a one-line ``str`` ending in
+    ``.pl``) or as the program text itself."""
+    single_line = isinstance(program, str) and "\n" not in program.strip()
+    if isinstance(program, os.PathLike) or (single_line and program.strip().endswith(".pl")):
+        path = Path(program).expanduser()
         if not path.is_file():
             raise ProgramError(f"program file {path} does not exist; give a path to a .pl file")
         return path.read_text(), str(path)
-    if program.strip().endswith(".pl") and "\n" not in program.strip():
-        raise ProgramError(
-            f"program text {program!r} looks like a file name; pass pathlib.Path({program!r}) "
-            f"for a file, or the program text itself"
-        )
     return program, "<program>"
 
 
@@ -455,7 +452,7 @@ class LogicModel:
         device: str | torch.device = "cpu",
         sdd_auto_gc: bool = True,
     ) -> None:
-        text, self.source = _program_text(program)
+        text, self.source = program_text(program)
         self.declarations = check_program(text, networks, self.source)
         self.networks = dict(networks)
         self.device = torch.device(device)

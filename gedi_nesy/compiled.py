@@ -56,8 +56,8 @@ from problog.sdd_formula import SDD
 from gedi_nesy.bridge import (
     ProbabilityTable,
     QueryProbs,
-    _program_text,
     check_program,
+    program_text,
     term_value,
 )
 from gedi_nesy.errors import DataError, ProgramError
@@ -905,7 +905,7 @@ class CompiledLogic:
         cache_dir: str | os.PathLike[str] | None = None,
         sdd_auto_gc: bool = True,
     ) -> None:
-        self.text, self.source = _program_text(program)
+        self.text, self.source = program_text(program)
         self.declarations = check_program(self.text, networks, self.source)
         self.networks = dict(networks)
         self.device = None if device is None else torch.device(device)

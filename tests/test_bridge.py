@@ -123,10 +123,11 @@ def test_program_from_path_or_text(tmp_path):
     declarations = check_program(PROGRAM, {"digit_net": 3})
     assert LogicModel(path, {"digit_net": 3}).declarations == declarations
     assert LogicModel(PROGRAM, {"digit_net": 3}).source == "<program>"
-    with pytest.raises(ProgramError, match="looks like a file name; pass pathlib.Path"):
-        LogicModel(str(path), {"digit_net": 3})
+    assert LogicModel(str(path), {"digit_net": 3}).source == str(path)  # a str path works too
     with pytest.raises(ProgramError, match="does not exist"):
         LogicModel(tmp_path / "missing.pl", {"digit_net": 3})
+    with pytest.raises(ProgramError, match="does not exist"):
+        LogicModel(str(tmp_path / "missing.pl"), {"digit_net": 3})
 
 
 # --------------------------------------------------------------------------- tables

@@ -78,3 +78,11 @@ def test_errors_are_one_line_with_exit_status_2(tmp_path, capsys, monkeypatch):
     assert main(["gedi", SMOKE, "--set", f"out_dir={tmp_path}", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "GEDI_NESY_DATA" in err and err.count("\n") == 1
+
+
+def test_audit_command_prints_the_counts(capsys):
+    assert main(["audit", "mnist_half", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["n_maps"], result["n_bijections"]) == (3, 1)  # shortcuts.md: 3 maps, 1 bijection
+    assert main(["audit", "mnist_addition"]) == 2
+    assert "has no audit_spec" in capsys.readouterr().err
