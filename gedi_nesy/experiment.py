@@ -23,12 +23,10 @@ from gedi_nesy.plots import save_confusion_png
 from gedi_nesy.runtime import (
     atomic_write_json,
     load_checkpoint,
-    make_run_dir,
-    pick_device,
     rng_state,
     save_checkpoint,
     set_rng_state,
-    set_seed,
+    start_run,
 )
 from gedi_nesy.standalone import build_net
 from gedi_nesy.task import TaskData
@@ -177,10 +175,10 @@ def run_training(
     Returns:
         The metrics written to ``metrics.json``.
     """
-    run_dir = make_run_dir(cfg.out_dir, cfg.name, to_dict(cfg))
-    torch.set_num_threads(cfg.optim.threads)
-    device = pick_device(cfg.optim.device)
-    set_seed(cfg.optim.seed)
+    o = cfg.optim
+    run_dir, device = start_run(
+        cfg.out_dir, cfg.name, to_dict(cfg), threads=o.threads, device=o.device, seed=o.seed
+    )
     trainer = build_trainer(cfg, task, device)
     metrics: dict[str, Any] = {"task": task.name, "device": str(device), **task.info}
     metrics.update(fit(trainer, task, cfg, run_dir, resume=resume, progress=progress))

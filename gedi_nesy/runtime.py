@@ -46,6 +46,21 @@ def make_run_dir(out_dir: str | Path, name: str, config: dict[str, Any]) -> Path
     return run_dir
 
 
+def start_run(
+    out_dir: str | Path, name: str, config: dict[str, Any], *, threads: int, device: str, seed: int
+) -> tuple[Path, torch.device]:
+    """Make the run folder, set the CPU thread count, pick the device and seed everything.
+
+    Returns:
+        (run folder, device).
+    """
+    run_dir = make_run_dir(out_dir, name, config)
+    torch.set_num_threads(threads)
+    chosen = pick_device(device)
+    set_seed(seed)
+    return run_dir, chosen
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
     _atomic(path, lambda f: f.write(text.encode()))

@@ -25,12 +25,10 @@ from gedi_nesy.plots import save_image_grid
 from gedi_nesy.runtime import (
     atomic_write_json,
     load_checkpoint,
-    make_run_dir,
-    pick_device,
     rng_state,
     save_checkpoint,
     set_rng_state,
-    set_seed,
+    start_run,
 )
 
 
@@ -119,10 +117,10 @@ def train_gedi(
     Returns:
         The metrics written to ``metrics.json``.
     """
-    run_dir = make_run_dir(cfg.out_dir, cfg.name, to_dict(cfg))
-    torch.set_num_threads(cfg.optim.threads)
-    device = pick_device(cfg.optim.device)
-    set_seed(cfg.optim.seed)
+    o = cfg.optim
+    run_dir, device = start_run(
+        cfg.out_dir, cfg.name, to_dict(cfg), threads=o.threads, device=o.device, seed=o.seed
+    )
     images, _ = load_images("mnist", "train", cfg.data.root)
     images = _first(images, cfg.data.n_train)  # (N, 1, 28, 28)
     run = _Run(cfg, device)
@@ -130,7 +128,6 @@ def train_gedi(
     if resume:
         run.load_state_dict(load_checkpoint(ckpt))
     log = StepLog(run_dir / "log.jsonl", resume_step=run.step if resume else None)
-    o = cfg.optim
     bar = tqdm(total=o.steps, initial=run.step, disable=not progress, desc=cfg.name)
     start = time.perf_counter()
     first_step = run.step

@@ -6,7 +6,7 @@ network over them, hand the probability rows to the logic engine as lookup table
     L = L_logic + w_gen L_GEN + w_inv L_INV + w_prior L_PRIOR   (+ energy_reg, swav)
 
 with L_logic = mean over provable queries of -log P(query) (as DeepProbLog's own cross-entropy,
-eps = 1e-12). One backward, one optimiser step; this file is where every backward call is.
+eps = 1e-12). One backward, one optimiser step: the backward of a joint step is in this file.
 Unprovable queries are counted and logged, never turned into a silent zero.
 """
 
