@@ -40,6 +40,13 @@ def build_logic(cfg: LogicConfig, task: TaskData) -> LogicModel | CompiledLogic:
     return CompiledLogic(task.program, task.networks, cache_dir=cfg.cache_dir)
 
 
+def total_steps(cfg: NesyRunConfig, n_train: int) -> int:
+    """Steps of the run: ``epochs`` passes over the training queries, capped by ``max_steps``."""
+    o = cfg.optim
+    steps = o.epochs * math.ceil(n_train / o.batch_size)
+    return steps if o.max_steps is None else min(o.max_steps, steps)
+
+
 def build_trainer(cfg: NesyRunConfig, task: TaskData, device: torch.device) -> JointTrainer:
     """A :class:`GEDINet` per network of the task, the logic engine, and the joint trainer."""
     nets = {}
@@ -53,6 +60,7 @@ def build_trainer(cfg: NesyRunConfig, task: TaskData, device: torch.device) -> J
         logic, nets, task.sources, gedi=cfg.gedi, sgld=cfg.sgld, augment=cfg.augment,
         optim=cfg.optim, device=device, eval_batch=cfg.logic.eval_batch,
         logic_device=device if cfg.logic.engine == "compiled" else "cpu",
+        total_steps=total_steps(cfg, len(task.train)),
     )  # fmt: skip
 
 
@@ -90,7 +98,7 @@ def fit(
     o = cfg.optim
     n = len(task.train)
     per_epoch = math.ceil(n / o.batch_size)
-    total = o.epochs * per_epoch if o.max_steps is None else min(o.max_steps, o.epochs * per_epoch)
+    total = total_steps(cfg, n)
     eval_every = o.eval_every or per_epoch
     state, ckpt = _FitState(), run_dir / "checkpoint.pt"
     if resume:
@@ -110,7 +118,8 @@ def fit(
         if trainer.step % eval_every == 0 or trainer.step == total:
             values["val_task_acc"] = _validate(trainer, task, state, o.patience)
         if trainer.step % o.log_every == 0 or trainer.step == total or "val_task_acc" in values:
-            log.write({"step": trainer.step, "queries_per_s": round(rate, 2), **values})
+            lr = trainer.scheduler.get_last_lr()[0]
+            log.write({"step": trainer.step, "lr": lr, "queries_per_s": round(rate, 2), **values})
             bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()} | {"q/s": f"{rate:.0f}"})
         if trainer.step % o.checkpoint_every == 0 or trainer.step == total or state.stopped_early:
             save_checkpoint(ckpt, {"trainer": trainer.state_dict(), "fit": vars(state),
@@ -177,7 +186,12 @@ def run_training(
     """
     o = cfg.optim
     run_dir, device = start_run(
-        cfg.out_dir, cfg.name, to_dict(cfg), threads=o.threads, device=o.device, seed=o.seed
+        cfg.out_dir,
+        cfg.name,
+        to_dict(cfg),
+        threads=o.threads,
+        device=o.device,
+        seed=o.seed,
     )
     trainer = build_trainer(cfg, task, device)
     metrics: dict[str, Any] = {"task": task.name, "device": str(device), **task.info}

@@ -44,6 +44,13 @@ def warmup_cosine(
     return final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate factor of a step: linear warm-up, then constant or cosine decay."""
+    if schedule == "cosine":
+        return warmup_cosine(step, warmup_steps=warmup_steps, total_steps=total_steps)
+    return (step + 1) / warmup_steps if step < warmup_steps else 1.0
+
+
 def check_finite(parts: dict[str, float], step: int) -> None:
     """Stop with a message naming the step and the part when a loss part is not finite."""
     for name, value in parts.items():

@@ -13,6 +13,7 @@ Unprovable queries are counted and logged, never turned into a silent zero.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from gedi_nesy.augment import AugmentConfig
 from gedi_nesy.bridge import ProbabilityTable
 from gedi_nesy.config import GediConfig, NesyOptimConfig, SGLDConfig
 from gedi_nesy.errors import ConfigError
-from gedi_nesy.loop import check_finite
+from gedi_nesy.loop import check_finite, lr_factor
 from gedi_nesy.losses import GediLoss, active_parts, weighted_total
 from gedi_nesy.objective import GediObjective
 
@@ -78,6 +79,7 @@ class JointTrainer:
         logic_device: where probabilities are handed to the logic engine (CPU is fastest for
             DeepProbLog's scalar ops; gradients still flow back to the networks' device).
         eval_batch: queries per logic call when predicting answers.
+        total_steps: steps of the whole run, for the cosine learning-rate schedule.
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class JointTrainer:
         device: torch.device,
         logic_device: torch.device | str = "cpu",
         eval_batch: int = 64,
+        total_steps: int = 1,
     ) -> None:
         self.logic, self.sources, self.optim_cfg = logic, dict(sources), optim
         self.device, self.logic_device = device, torch.device(logic_device)
@@ -100,6 +103,11 @@ class JointTrainer:
         self.nets = {name: net.to(device) for name, net in nets.items()}
         params = [p for net in self.nets.values() for p in net.parameters()]
         self.optimizer = torch.optim.Adam(params, lr=optim.lr, weight_decay=optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            partial(lr_factor, schedule=optim.schedule, warmup_steps=optim.warmup_steps,
+                    total_steps=total_steps),
+        )  # fmt: skip
         image_shape = tuple(next(iter(self.sources.values())).shape[1:])
         self.objectives = {
             name: GediObjective(net, gedi, sgld, augment, image_shape=image_shape,
@@ -203,6 +211,7 @@ class JointTrainer:
             params = [p for net in self.nets.values() for p in net.parameters()]
             nn.utils.clip_grad_norm_(params, self.optim_cfg.grad_clip)
         self.optimizer.step()
+        self.scheduler.step()
         self.step += 1
         self.n_unprovable += values["unprovable"]
         return values
@@ -242,6 +251,7 @@ class JointTrainer:
             "n_unprovable": self.n_unprovable,
             "nets": {name: net.state_dict() for name, net in self.nets.items()},
             "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             "objectives": {name: o.state_dict() for name, o in self.objectives.items()},
         }
 
@@ -251,5 +261,6 @@ class JointTrainer:
         for name, net in self.nets.items():
             net.load_state_dict(state["nets"][name])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         for name, objective in self.objectives.items():
             objective.load_state_dict(state["objectives"][name])
