@@ -105,7 +105,14 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any]:
     from gedi_nesy.experiment import run_training
 
     cfg = load_config(args.config, NesyRunConfig, args.overrides)
-    task = build_task(cfg.task, cfg.data_root)
+    module = _task_module(cfg.task.get("name"))
+    if hasattr(module, "audit_spec"):
+        from gedi_nesy.audit import audit
+
+        summary = audit(*module.audit_spec(cfg.task), limit=0)
+        print(f"shortcut audit: {summary.n_maps} concept maps fit the training data, "
+              f"{summary.n_bijections} of them bijections")  # fmt: skip
+    task = module.build(cfg.task, cfg.data_root)
     metrics = run_training(cfg, task, resume=args.resume, progress=not args.no_progress)
     print(f"run folder: {cfg.out_dir}/{cfg.name}")
     return metrics

@@ -86,3 +86,21 @@ def test_audit_command_prints_the_counts(capsys):
     assert (result["n_maps"], result["n_bijections"]) == (3, 1)  # shortcuts.md: 3 maps, 1 bijection
     assert main(["audit", "mnist_addition"]) == 2
     assert "has no audit_spec" in capsys.readouterr().err
+
+
+@needs_data
+def test_train_prints_the_shortcut_audit_and_trains_a_shortcut_task(tmp_path, capsys):
+    config = tmp_path / "half.yaml"
+    config.write_text(
+        "name: half\n"
+        "task: {name: mnist_half, n_train_per_world: 2, n_val_per_world: 1, n_test_per_world: 1}\n"
+        "model: {width: 4}\n"
+        "optim: {batch_size: 7, log_every: 1}\n"
+    )
+    sets = ["--set", f"out_dir={tmp_path}", "--set", f"logic.cache_dir={tmp_path / 'cc'}"]
+    assert main(["train", str(config), "--no-progress", *sets]) == 0
+    out = capsys.readouterr().out
+    assert "shortcut audit: 3 concept maps fit the training data, 1 of them bijections" in out
+    metrics = json.loads((tmp_path / "half/metrics.json").read_text())
+    assert len(metrics["concept_map"]) == 5  # one entry per digit 0..4 (K = 5)
+    assert metrics["steps"] == 2  # 7 worlds x 2 = 14 training sums, batch 7
