@@ -43,9 +43,10 @@ def logic_loss(probs: torch.Tensor, provable: torch.Tensor) -> torch.Tensor:
     Returns:
         A scalar; 0 (with no gradient path) when no query is provable: the caller logs the count.
     """
+    provable = provable.to(probs.device)
     if not provable.any():
         return probs.new_zeros(())
-    return -torch.log(probs[provable] + LOGIC_EPS).mean()
+    return -torch.log(probs[provable] + LOGIC_EPS).mean()  # (Q',) -> ()
 
 
 def tensor_keys(queries: Sequence[Query]) -> list[Term]:
