@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,7 @@ def total_steps(cfg: NesyRunConfig, n_train: int) -> int:
 
 def build_trainer(cfg: NesyRunConfig, task: TaskData, device: torch.device) -> JointTrainer:
     """A :class:`GEDINet` per network of the task, the logic engine, and the joint trainer."""
-    nets = {}
-    for name, k in task.networks.items():
-        model_cfg = (
-            cfg.model if cfg.model.k == k else type(cfg.model)(**{**vars(cfg.model), "k": k})
-        )
-        nets[name] = build_net(model_cfg)
+    nets = {name: build_net(replace(cfg.model, k=k)) for name, k in task.networks.items()}
     logic = build_logic(cfg.logic, task)
     return JointTrainer(
         logic, nets, task.sources, gedi=cfg.gedi, sgld=cfg.sgld, augment=cfg.augment,
