@@ -118,10 +118,17 @@ class ReplayBuffer:
             generator: random generator (on the buffer's device).
 
         Returns:
-            (x0 (B, *shape), idx (B,)): start samples and their buffer indices for ``update``.
+            (x0 (B, *shape), idx (B,)): start samples and their distinct buffer indices for
+            ``update``.
         """
         device = self.samples.device
-        idx = torch.randint(len(self.samples), (batch_size,), generator=generator, device=device)
+        if batch_size > len(self.samples):
+            raise ValueError(
+                f"cannot draw {batch_size} chains from a buffer of {len(self.samples)}; "
+                "raise sgld.buffer_size to at least the batch size"
+            )
+        # distinct slots: a slot drawn twice would be written back twice, in no defined order
+        idx = torch.randperm(len(self.samples), generator=generator, device=device)[:batch_size]
         x0 = self.samples[idx]  # (B, *shape)
         fresh = self._uniform(batch_size, generator, device)  # (B, *shape)
         restart = torch.rand(batch_size, generator=generator, device=device) < self.reinit_freq

@@ -97,16 +97,19 @@ def test_sgld_clamps_and_stops_on_non_finite_energy():
 
 def test_replay_buffer_reinit_rate_and_update():
     gen = torch.Generator().manual_seed(0)
-    buf = ReplayBuffer(1000, (2,), reinit_freq=0.25, generator=gen)
+    buf = ReplayBuffer(20000, (2,), reinit_freq=0.25, generator=gen)
     assert buf.samples.min() >= -1 and buf.samples.max() <= 1
     buf.samples.fill_(5.0)  # mark stored chains, so restarts are visible
     x0, idx = buf.sample(20000, generator=gen)
     restarted = (x0[:, 0] != 5.0).float().mean().item()
     assert abs(restarted - 0.25) < 0.015  # binomial std ~0.003
+    assert len(set(idx.tolist())) == 20000  # distinct slots: write-back order cannot matter
     buf.update(idx[:3], torch.zeros(3, 2))
     assert torch.equal(buf.samples[idx[:3]], torch.zeros(3, 2))
     with pytest.raises(ValueError, match="reinit_freq"):
         ReplayBuffer(4, (1,), reinit_freq=1.5)
+    with pytest.raises(ValueError, match="raise sgld.buffer_size"):
+        ReplayBuffer(4, (1,), reinit_freq=0.0).sample(5)
 
 
 def test_prior_minimal_at_uniform_marginal_and_larger_under_collapse():
