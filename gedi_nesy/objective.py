@@ -7,6 +7,7 @@ standalone trainer and the joint DeepProbLog trainer call it.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn as nn
 from gedi_nesy.augment import AugmentConfig, two_views
 from gedi_nesy.config import GediConfig, SGLDConfig
 from gedi_nesy.energy import energy
+from gedi_nesy.errors import ConfigError
 from gedi_nesy.losses import (
     GediLoss,
     GediWeights,
@@ -33,6 +35,10 @@ def gedi_weights(cfg: GediConfig) -> GediWeights:
     ``gedi`` uses w_gen, w_inv, w_prior (w_gen = 0 is "GEDI without L_GEN"); ``jem`` keeps only the
     generative term; ``swav`` keeps only the swapped-prediction loss (weight w_inv).
     """
+    for name in ("w_gen", "w_inv", "w_prior", "energy_reg"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0.0):
+            raise ConfigError(f"gedi.{name} = {value}; it must be a finite number >= 0")
     reg = cfg.energy_reg if cfg.w_gen != 0.0 else 0.0  # the penalty belongs to the generative term
     if cfg.method == "gedi":
         return GediWeights(cfg.w_gen, reg, cfg.w_inv, cfg.w_prior, 0.0)

@@ -101,8 +101,9 @@ def build(params: dict[str, Any], data_root: str | None) -> TaskData:
     n_train = n_available - p.n_val if p.n_train is None else p.n_train
     if n_train < 1 or n_train + p.n_val > n_available:
         raise ConfigError(
-            f"task.n_train = {p.n_train} with task.n_val = {p.n_val}: MNIST-train holds "
-            f"{n_available} queries of {per_query} images; lower n_train or n_val"
+            f"task.n_train = {p.n_train} with task.n_val = {p.n_val}: n_train must be >= 1 and "
+            f"n_train + n_val <= {n_available} (MNIST-train makes {n_available} queries of "
+            f"{per_query} images); change n_train or n_val"
         )
     used = (n_train + p.n_val) * per_query
     train = addition_queries(order[: n_train * per_query], train_y, "train", p.n_digits)

@@ -200,3 +200,15 @@ def test_identity_augmentation_keeps_the_image():
                         noise_std=0.0)  # fmt: skip
     a, _ = two_views(x, cfg)
     assert torch.allclose(a, x, atol=1e-5)
+
+
+@pytest.mark.parametrize("field, value", [("w_gen", float("nan")), ("w_prior", -1.0)])
+def test_gedi_weights_must_be_finite_and_non_negative(field, value):
+    from gedi_nesy.config import GediConfig
+    from gedi_nesy.errors import ConfigError
+    from gedi_nesy.objective import gedi_weights
+
+    with pytest.raises(ConfigError, match=f"gedi.{field} = .*finite number >= 0"):
+        gedi_weights(GediConfig(**{field: value}))
+    # energy_reg belongs to L_GEN: off when w_gen is 0, so "GEDI without L_GEN" runs no SGLD
+    assert gedi_weights(GediConfig(w_gen=0.0, energy_reg=0.5)).energy_reg == 0.0
