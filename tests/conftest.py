@@ -98,3 +98,19 @@ def stock_model_factory() -> Callable[..., Any]:
         return model
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def count_autograd_nodes() -> Callable[[torch.Tensor], int]:
+    """``count(t)`` -> the number of autograd nodes behind tensor ``t`` (the circuit's size)."""
+
+    def count(t: torch.Tensor) -> int:
+        seen, stack = set(), [t.grad_fn]
+        while stack:
+            fn = stack.pop()
+            if fn is not None and fn not in seen:
+                seen.add(fn)
+                stack.extend(next_fn for next_fn, _ in fn.next_functions)
+        return len(seen)
+
+    return count

@@ -216,17 +216,7 @@ def test_multi_addition_ground_program_is_linear_in_n(logic):
     assert sizes[3] < 8 * sizes[0]
 
 
-def autograd_nodes(t: torch.Tensor) -> int:
-    seen, stack = set(), [t.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is not None and fn not in seen:
-            seen.add(fn)
-            stack.extend(next_fn for next_fn, _ in fn.next_functions)
-    return len(seen)
-
-
-def test_multi_addition_circuit_grows_slowly(logic, digit_table):
+def test_multi_addition_circuit_grows_slowly(logic, digit_table, count_autograd_nodes):
     """The evaluated circuit (autograd graph) grows about linearly in N (~90, 230, 450 nodes).
 
     With the SDD library's default variable order (sdd_auto_gc=False) it is about 15x larger
@@ -235,5 +225,5 @@ def test_multi_addition_circuit_grows_slowly(logic, digit_table):
     model = logic["multi_addition.pl"]
     n1 = model.query_probs([add([4], [5], 13)], digit_table)  # the circuits of STOCK_CASES
     n3 = model.query_probs([add([4, 5, 6], [7, 0, 2], 1033)], digit_table)
-    graph = {1: autograd_nodes(n1.probs), 3: autograd_nodes(n3.probs)}
+    graph = {1: count_autograd_nodes(n1.probs), 3: count_autograd_nodes(n3.probs)}
     assert graph[3] < 8 * graph[1]
