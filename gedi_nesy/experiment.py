@@ -149,20 +149,36 @@ def _validate(trainer: JointTrainer, task: TaskData, state: _FitState, patience:
 
 
 def evaluate(trainer: JointTrainer, task: TaskData, run_dir: Path) -> dict[str, Any]:
-    """Test task accuracy, and concept metrics + confusion matrix of every network."""
+    """Test task accuracy and concept metrics of every network, in and out of distribution."""
     metrics: dict[str, Any] = {"test_task_acc": trainer.task_accuracy(task.test)}
-    images = task.sources[task.concept_images]
-    labels = task.concept_labels.numpy()
+    metrics.update(_concepts(trainer, task, task.concept_images, task.concept_labels, run_dir, ""))
+    if task.ood_test:
+        metrics["ood_task_acc"] = trainer.task_accuracy(task.ood_test)
+        assert task.ood_concept_images is not None and task.ood_concept_labels is not None
+        metrics.update(
+            _concepts(trainer, task, task.ood_concept_images, task.ood_concept_labels, run_dir,
+                      "ood_")
+        )  # fmt: skip
+    return metrics
+
+
+def _concepts(
+    trainer: JointTrainer, task: TaskData, source: str, labels: torch.Tensor, run_dir: Path,
+    prefix: str,
+) -> dict[str, Any]:  # fmt: skip
+    """Concept report and confusion matrix (JSON + PNG) of every network on one image source."""
+    metrics: dict[str, Any] = {}
+    images, truth = task.sources[source], labels.numpy()
     for name, k in task.networks.items():
         probs = trainer.concept_probs(name, images)  # (N, K)
         pred = probs.argmax(-1).numpy()
-        report = concept_report(labels, pred, probs.numpy(), k)
-        prefix = "" if len(task.networks) == 1 else f"{name}."
-        metrics.update({prefix + key: value for key, value in report.items()})
-        matrix = confusion_matrix(labels, pred, k, k)
-        atomic_write_json(run_dir / f"confusion_{name}.json", matrix.tolist())
-        save_confusion_png(matrix, run_dir / f"confusion_{name}.png",
-                           title=f"{task.name}: {name} on {task.concept_images}")  # fmt: skip
+        report = concept_report(truth, pred, probs.numpy(), k)
+        key = prefix if len(task.networks) == 1 else f"{prefix}{name}."
+        metrics.update({key + metric: value for metric, value in report.items()})
+        matrix = confusion_matrix(truth, pred, k, k)
+        atomic_write_json(run_dir / f"{prefix}confusion_{name}.json", matrix.tolist())
+        save_confusion_png(matrix, run_dir / f"{prefix}confusion_{name}.png",
+                           title=f"{task.name}: {name} on {source}")  # fmt: skip
     return metrics
 
 

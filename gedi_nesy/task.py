@@ -29,6 +29,9 @@ class TaskData:
         concept_labels: true concept (e.g. digit) of every image of ``concept_images``, (N,).
         unlabelled: extra image indices per source, used only by the GEDI terms.
         info: free-form facts about the task, written to metrics.json.
+        ood_test: out-of-distribution test queries (e.g. unseen worlds); empty when none.
+        ood_concept_images: source name of the OOD test's images.
+        ood_concept_labels: true concept of every image of ``ood_concept_images``, (N,).
     """
 
     name: str
@@ -42,3 +45,6 @@ class TaskData:
     concept_labels: torch.Tensor
     unlabelled: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict[str, object] = field(default_factory=dict)
+    ood_test: list[Query] = field(default_factory=list)
+    ood_concept_images: str | None = None
+    ood_concept_labels: torch.Tensor | None = None

@@ -272,6 +272,9 @@ def build_world_task(
         test=stacked_queries(ID_SOURCE, id_d),
         concept_images=ID_SOURCE,
         concept_labels=id_d.reshape(-1),  # (2 Q_id,)
+        ood_test=stacked_queries(OOD_SOURCE, ood_d),
+        ood_concept_images=OOD_SOURCE,
+        ood_concept_labels=ood_d.reshape(-1),  # (2 Q_ood,)
         info={
             "n_train_queries": len(train_d),
             "n_val_queries": len(val_d),

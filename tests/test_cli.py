@@ -104,3 +104,5 @@ def test_train_prints_the_shortcut_audit_and_trains_a_shortcut_task(tmp_path, ca
     metrics = json.loads((tmp_path / "half/metrics.json").read_text())
     assert len(metrics["concept_map"]) == 5  # one entry per digit 0..4 (K = 5)
     assert metrics["steps"] == 2  # 7 worlds x 2 = 14 training sums, batch 7
+    assert 0.0 <= metrics["ood_task_acc"] <= 1.0 and 0.0 <= metrics["ood_acc_c"] <= 1.0
+    assert (tmp_path / "half/ood_confusion_digit_net.png").is_file()

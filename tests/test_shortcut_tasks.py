@@ -93,6 +93,8 @@ def test_default_sizes(root: Path, name: str, sizes: tuple[int, int, int, int]):
     task = build(name, root)
     ood = MODULES[name].build_ood({"name": name})
     assert (len(task.train), len(task.val), len(task.test), len(ood.queries)) == sizes
+    assert [q.query for q in task.ood_test] == [q.query for q in ood.queries]
+    assert torch.equal(task.ood_concept_labels, ood.concept_labels)
     assert task.info["n_train_queries"] == sizes[0] and task.info["n_ood_test"] == sizes[3]
     assert task.sources["idtest"].shape == (2 * sizes[2], 1, 28, 28)
     assert task.sources["oodtest"].shape == (2 * sizes[3], 1, 28, 28)
