@@ -18,7 +18,7 @@ import contextlib
 import io
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -401,6 +401,29 @@ def _shareable(query: Query) -> Query:
     return Query(query.substitute().query, None, query.p, query.output_ind)
 
 
+def answer_columns(query: Term, answers: Iterable[Term], column: Mapping[Any, int]) -> list[int]:
+    """The answer-domain column of each answer term of ``query``.
+
+    Args:
+        query: the query the answers belong to (for the error message).
+        answers: answer terms, e.g. sums as ``Constant`` terms.
+        column: answer value (a Python value, see :func:`term_value`) -> column index.
+
+    Raises:
+        DataError: an answer is not in the domain.
+    """
+    columns = []
+    for answer in answers:
+        value = term_value(answer)
+        if value not in column:
+            raise DataError(
+                f"query {query} has answer {value}, which is not in the answer domain "
+                f"({len(column)} values); widen the domain"
+            )
+        columns.append(column[value])
+    return columns
+
+
 def _as_float(p: Any) -> float:
     """A probability (tensor or float) as a plain float."""
     return float(p.detach()) if isinstance(p, torch.Tensor) else float(p)
@@ -578,14 +601,8 @@ class LogicModel:
         rows, provable, like = [], [], None
         for q, dist in zip(queries, self.answers(queries, tables), strict=True):
             row: list[Any] = [0.0] * len(domain)
-            for answer, p in dist.items():
-                value = term_value(answer)
-                if value not in column:
-                    raise DataError(
-                        f"query {q.query} has answer {value}, which is not in the answer domain "
-                        f"({len(domain)} values); widen the domain"
-                    )
-                row[column[value]] = p
+            for c, p in zip(answer_columns(q.query, dist, column), dist.values()):
+                row[c] = p
                 like = p if isinstance(p, torch.Tensor) else like
             rows.append(row)
             provable.append(len(dist) > 0)

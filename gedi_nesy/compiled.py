@@ -56,9 +56,9 @@ from problog.sdd_formula import SDD
 from gedi_nesy.bridge import (
     ProbabilityTable,
     QueryProbs,
+    answer_columns,
     check_program,
     program_text,
-    term_value,
 )
 from gedi_nesy.errors import DataError, ProgramError
 
@@ -1150,14 +1150,8 @@ class CompiledLogic:
         values, offsets, answers = self._answers(queries, tables)
         targets = np.zeros(len(values), dtype=np.int64)  # flat (query, column) of each output
         for q, (o, found) in enumerate(zip(offsets, answers)):
-            for a, answer in enumerate(found):
-                value = term_value(answer)
-                if value not in column:
-                    raise DataError(
-                        f"query {_query_term(queries[q])} has answer {value}, which is not in "
-                        f"the answer domain ({len(domain)} values); widen the domain"
-                    )
-                targets[o + a] = q * len(domain) + column[value]
+            columns = answer_columns(_query_term(queries[q]), found, column)
+            targets[o : o + len(found)] = q * len(domain) + np.asarray(columns, dtype=np.int64)
         flat = values.new_zeros(len(queries) * len(domain))  # (Q * A,)
         flat = flat.index_copy(0, torch.from_numpy(targets).to(values.device), values)
         provable = torch.tensor([len(found) > 0 for found in answers], dtype=torch.bool)
