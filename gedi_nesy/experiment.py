@@ -23,6 +23,7 @@ from gedi_nesy.metrics import concept_report, confusion_matrix
 from gedi_nesy.plots import save_confusion_png
 from gedi_nesy.runtime import (
     atomic_write_json,
+    check_resume_config,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -99,6 +100,7 @@ def fit(
     state, ckpt = _FitState(), run_dir / "checkpoint.pt"
     if resume:
         saved = load_checkpoint(ckpt)
+        check_resume_config(saved["config"], to_dict(cfg), ckpt)
         trainer.load_state_dict(saved["trainer"])
         state.__dict__.update(saved["fit"])
         set_rng_state(saved["rng"])
@@ -119,7 +121,7 @@ def fit(
             bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()} | {"q/s": f"{rate:.0f}"})
         if trainer.step % o.checkpoint_every == 0 or trainer.step == total or state.stopped_early:
             save_checkpoint(ckpt, {"trainer": trainer.state_dict(), "fit": vars(state),
-                                   "rng": rng_state()})  # fmt: skip
+                                   "rng": rng_state(), "config": to_dict(cfg)})  # fmt: skip
     bar.close()
     seconds = time.perf_counter() - start
     if state.best_nets is not None:

@@ -105,6 +105,30 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         ) from None
 
 
+def check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Refuse to resume a checkpoint under a different config (names and folders may differ).
+
+    Raises:
+        TrainingError: naming the first setting that differs.
+    """
+    ignored = {"name", "out_dir"}
+    for key in sorted(set(saved) | set(current)):
+        if key in ignored:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            check_resume_config(
+                {f"{key}.{k}": v for k, v in a.items()},
+                {f"{key}.{k}": v for k, v in b.items()},
+                path,
+            )
+        elif a != b:
+            raise TrainingError(
+                f"checkpoint {path} was made with {key} = {a!r}, the config now says {b!r}; "
+                "resume with the checkpoint's config, or start a new run under another name"
+            )
+
+
 def rng_state() -> dict[str, Any]:
     """The global RNG states (Python, NumPy, torch CPU and CUDA)."""
     state = {

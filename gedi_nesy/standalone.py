@@ -24,6 +24,7 @@ from gedi_nesy.objective import GediObjective
 from gedi_nesy.plots import save_image_grid
 from gedi_nesy.runtime import (
     atomic_write_json,
+    check_resume_config,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -126,7 +127,9 @@ def train_gedi(
     run = _Run(cfg, device)
     ckpt = run_dir / "checkpoint.pt"
     if resume:
-        run.load_state_dict(load_checkpoint(ckpt))
+        saved = load_checkpoint(ckpt)
+        check_resume_config(saved["config"], to_dict(cfg), ckpt)
+        run.load_state_dict(saved)
     log = StepLog(run_dir / "log.jsonl", resume_step=run.step if resume else None)
     bar = tqdm(total=o.steps, initial=run.step, disable=not progress, desc=cfg.name)
     start = time.perf_counter()
@@ -140,7 +143,7 @@ def train_gedi(
             log.write({"step": run.step, "lr": run.scheduler.get_last_lr()[0], **values})
             bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()})
         if run.step % o.checkpoint_every == 0 or run.step == o.steps:
-            save_checkpoint(ckpt, run.state_dict())
+            save_checkpoint(ckpt, {**run.state_dict(), "config": to_dict(cfg)})
     bar.close()
     seconds = time.perf_counter() - start
     metrics = evaluate_gedi(run.net, run.objective, cfg, run_dir)

@@ -106,3 +106,12 @@ def test_train_prints_the_shortcut_audit_and_trains_a_shortcut_task(tmp_path, ca
     assert metrics["steps"] == 2  # 7 worlds x 2 = 14 training sums, batch 7
     assert 0.0 <= metrics["ood_task_acc"] <= 1.0 and 0.0 <= metrics["ood_acc_c"] <= 1.0
     assert (tmp_path / "half/ood_confusion_digit_net.png").is_file()
+
+
+@needs_data
+def test_resume_under_another_config_is_a_one_line_error(tmp_path, capsys):
+    common = ["gedi", SMOKE, "--no-progress", "--set", f"out_dir={tmp_path}"]
+    assert main(common + ["--set", "optim.steps=1"]) == 0
+    assert main(common + ["--set", "optim.steps=1", "--set", "model.width=4", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "was made with model.width = 8, the config now says 4" in err and err.count("\n") == 1

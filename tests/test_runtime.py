@@ -51,3 +51,14 @@ def test_lr_factors():
     assert lr_factor(7, schedule="constant", warmup_steps=4, total_steps=10) == 1.0
     assert lr_factor(4, schedule="cosine", warmup_steps=4, total_steps=10) == pytest.approx(1.0)
     assert lr_factor(10, schedule="cosine", warmup_steps=4, total_steps=10) == pytest.approx(0.1)
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    from gedi_nesy.runtime import check_resume_config
+
+    saved = {"name": "a", "optim": {"lr": 0.001, "steps": 10}, "model": {"width": 16}}
+    same = {"name": "b", "optim": {"lr": 0.001, "steps": 10}, "model": {"width": 16}}
+    check_resume_config(saved, same, tmp_path / "c.pt")  # only the name differs: fine
+    changed = {"name": "a", "optim": {"lr": 0.001, "steps": 10}, "model": {"width": 8}}
+    with pytest.raises(TrainingError, match="was made with model.width = 16, the config now"):
+        check_resume_config(saved, changed, tmp_path / "c.pt")
