@@ -60,6 +60,7 @@ class GediConfig:
     swav_temperature: float = 0.1
     sinkhorn_epsilon: float = 0.05
     sinkhorn_iters: int = 3
+    w_marginal_entropy: float = 0.0  # joint training only: the L_H baseline on the clean batch
 
 
 @dataclass

@@ -112,6 +112,24 @@ def prior_loss(logits: torch.Tensor, target: torch.Tensor | None = None) -> torc
     return -k * (target.to(log_marginal) * log_marginal).sum()
 
 
+def marginal_entropy_loss(logits: torch.Tensor) -> torch.Tensor:
+    """L_H of the reasoning-shortcut literature: ``1 - H(mean_i p(y|x_i)) / log K``.
+
+    A baseline mitigation (not part of GEDI): 0 when the batch marginal is uniform, 1 when every
+    sample puts all its mass on one class.
+
+    Args:
+        logits: concept logits of the (clean) batch, shape (B, K).
+
+    Returns:
+        A scalar in [0, 1].
+    """
+    k = logits.shape[-1]
+    log_marginal = torch.logsumexp(F.log_softmax(logits, -1), dim=0) - math.log(len(logits))  # (K,)
+    entropy = -(log_marginal.exp() * log_marginal).sum()  # H of the batch marginal
+    return 1.0 - entropy / math.log(k)
+
+
 def swav_loss(
     scores_a: torch.Tensor,
     scores_b: torch.Tensor,

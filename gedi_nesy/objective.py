@@ -35,7 +35,7 @@ def gedi_weights(cfg: GediConfig) -> GediWeights:
     ``gedi`` uses w_gen, w_inv, w_prior (w_gen = 0 is "GEDI without L_GEN"); ``jem`` keeps only the
     generative term; ``swav`` keeps only the swapped-prediction loss (weight w_inv).
     """
-    for name in ("w_gen", "w_inv", "w_prior", "energy_reg"):
+    for name in ("w_gen", "w_inv", "w_prior", "energy_reg", "w_marginal_entropy"):
         value = getattr(cfg, name)
         if not (math.isfinite(value) and value >= 0.0):
             raise ConfigError(f"gedi.{name} = {value}; it must be a finite number >= 0")

@@ -27,7 +27,7 @@ from gedi_nesy.bridge import ProbabilityTable
 from gedi_nesy.config import GediConfig, NesyOptimConfig, SGLDConfig
 from gedi_nesy.errors import ConfigError
 from gedi_nesy.loop import check_finite, lr_factor
-from gedi_nesy.losses import GediLoss, active_parts, weighted_total
+from gedi_nesy.losses import GediLoss, active_parts, marginal_entropy_loss, weighted_total
 from gedi_nesy.objective import GediObjective
 
 LOGIC_EPS = 1e-12  # DeepProbLog's cross_entropy adds this inside the log
@@ -115,6 +115,7 @@ class JointTrainer:
                                 device=device, seed=optim.seed + i)
             for i, (name, net) in enumerate(self.nets.items())
         }  # fmt: skip
+        self.w_marginal_entropy = gedi.w_marginal_entropy
         self.step = 0
         self.n_unprovable = 0  # training queries without a proof, summed over steps
         self.uses_gedi = any(w != 0.0 for w in next(iter(self.objectives.values())).weights)
@@ -171,16 +172,20 @@ class JointTrainer:
             extra: unlabelled images (m, C, H, W) for the GEDI terms only, or None.
 
         Returns:
-            (total loss, logged values: ``logic``, each active GEDI part, ``total``,
-            ``unprovable``).
+            (total loss, logged values: ``logic``, ``marginal_entropy`` when its weight is not 0,
+            each active GEDI part, ``total``, ``unprovable``).
         """
         keys = tensor_keys(queries)
         images = self.images(keys)  # (n, C, H, W)
-        tables, _ = self.forward_tables(keys, images)
+        tables, logits = self.forward_tables(keys, images)
         probs, provable = self.logic.query_probs(queries, tables)  # (Q,), (Q,)
         l_logic = logic_loss(probs, provable)
         values: dict[str, float] = {"logic": float(l_logic.detach())}
         total = l_logic.to(self.device)
+        if self.w_marginal_entropy != 0.0:
+            l_h = sum(marginal_entropy_loss(z) for z in logits.values())  # baseline L_H
+            total = total + self.w_marginal_entropy * l_h
+            values["marginal_entropy"] = float(l_h.detach())
         if self.uses_gedi:
             gedi_images = images if extra is None else torch.cat([images, extra.to(self.device)])
             l_gedi, logged = self.gedi_parts(gedi_images)

@@ -212,3 +212,15 @@ def test_gedi_weights_must_be_finite_and_non_negative(field, value):
         gedi_weights(GediConfig(**{field: value}))
     # energy_reg belongs to L_GEN: off when w_gen is 0, so "GEDI without L_GEN" runs no SGLD
     assert gedi_weights(GediConfig(w_gen=0.0, energy_reg=0.5)).energy_reg == 0.0
+
+
+def test_marginal_entropy_loss_is_0_at_uniform_and_1_under_collapse():
+    from gedi_nesy.losses import marginal_entropy_loss
+
+    uniform = torch.eye(4).repeat(2, 1) * 50.0  # each of 4 classes used by 2 of 8 samples
+    collapsed = torch.zeros(8, 4)
+    collapsed[:, 2] = 50.0
+    assert marginal_entropy_loss(uniform).item() == pytest.approx(0.0, abs=1e-6)  # H = log K
+    assert marginal_entropy_loss(collapsed).item() == pytest.approx(1.0, abs=1e-6)  # H = 0
+    half = torch.tensor([[50.0, 0, 0, 0], [0, 50.0, 0, 0]])  # two classes: H = log 2
+    assert marginal_entropy_loss(half).item() == pytest.approx(0.5, abs=1e-6)  # 1 - log2/log4

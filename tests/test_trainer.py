@@ -201,3 +201,12 @@ def test_unknown_task_is_a_one_line_error(capsys):
 def test_experiment_never_imports_tasks():
     source = Path(experiment.__file__).read_text()
     assert "import tasks" not in source and "from tasks" not in source
+
+
+def test_marginal_entropy_baseline_joins_the_loss():
+    images = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    gedi = GediConfig(w_gen=0.0, w_inv=0.0, w_prior=0.0, w_marginal_entropy=2.0)
+    total, values = _trainer(_small_net(), images, gedi).loss(_queries(QUERIES))
+    assert 0.0 <= values["marginal_entropy"] <= 1.0
+    assert values["total"] == pytest.approx(values["logic"] + 2.0 * values["marginal_entropy"])
+    assert "inv" not in values  # the GEDI terms stay off
