@@ -136,6 +136,14 @@ class LogicConfig:
 
 
 @dataclass
+class SupervisionConfig:
+    """The concept-supervision baseline: a few labelled training images per concept."""
+
+    labels_per_class: int = 0  # k images of each concept, from the training queries' images
+    weight: float = 1.0  # weight of their cross-entropy in the joint loss
+
+
+@dataclass
 class NesyRunConfig:
     """Joint DeepProbLog + GEDI training (``gedi-nesy train``)."""
 
@@ -149,6 +157,7 @@ class NesyRunConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: NesyOptimConfig = field(default_factory=NesyOptimConfig)
     logic: LogicConfig = field(default_factory=LogicConfig)
+    supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
 
 
 C = TypeVar("C")

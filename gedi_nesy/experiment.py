@@ -32,7 +32,7 @@ from gedi_nesy.runtime import (
 )
 from gedi_nesy.standalone import build_net
 from gedi_nesy.task import TaskData
-from gedi_nesy.trainer import JointTrainer
+from gedi_nesy.trainer import JointTrainer, tensor_keys
 
 
 def build_logic(cfg: LogicConfig, task: TaskData) -> LogicModel | CompiledLogic:
@@ -49,6 +49,42 @@ def total_steps(cfg: NesyRunConfig, n_train: int) -> int:
     return steps if o.max_steps is None else min(o.max_steps, steps)
 
 
+def supervised_images(
+    task: TaskData, per_class: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``per_class`` labelled images of each concept, drawn (seeded) from the images the
+    training queries use; None when ``per_class`` is 0.
+
+    Raises:
+        ConfigError: the task has no training labels, or too few images of some concept.
+    """
+    if per_class == 0:
+        return None
+    if per_class < 0 or not task.train_labels:
+        raise ConfigError(
+            f"supervision.labels_per_class = {per_class}: it must be >= 0, and task "
+            f"{task.name} must give train_labels; set it to 0"
+        )
+    keys = [k for k in tensor_keys(task.train) if k.args[0].functor in task.train_labels]
+    order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed))
+    picked: dict[int, list] = {}
+    for i in order.tolist():
+        source, index = keys[i].args[0].functor, int(keys[i].args[0].args[0])
+        label = int(task.train_labels[source][index])
+        if len(picked.setdefault(label, [])) < per_class:
+            picked[label].append(task.sources[source][index])
+    k = next(iter(task.networks.values()))
+    short = [c for c in range(k) if len(picked.get(c, [])) < per_class]
+    if short:
+        raise ConfigError(
+            f"supervision.labels_per_class = {per_class}, but the training images hold fewer "
+            f"of concept {short[0]}; lower labels_per_class"
+        )
+    images = torch.stack([x for c in range(k) for x in picked[c]])  # (K * per_class, C, H, W)
+    labels = torch.arange(k).repeat_interleave(per_class)  # (K * per_class,)
+    return images, labels
+
+
 def build_trainer(cfg: NesyRunConfig, task: TaskData, device: torch.device) -> JointTrainer:
     """A :class:`GEDINet` per network of the task, the logic engine, and the joint trainer."""
     nets = {name: build_net(replace(cfg.model, k=k)) for name, k in task.networks.items()}
@@ -58,6 +94,8 @@ def build_trainer(cfg: NesyRunConfig, task: TaskData, device: torch.device) -> J
         optim=cfg.optim, device=device, eval_batch=cfg.logic.eval_batch,
         logic_device=device if cfg.logic.engine == "compiled" else "cpu",
         total_steps=total_steps(cfg, len(task.train)),
+        supervised=supervised_images(task, cfg.supervision.labels_per_class, cfg.optim.seed),
+        supervision_weight=cfg.supervision.weight,
     )  # fmt: skip
 
 

@@ -32,6 +32,8 @@ class TaskData:
         ood_test: out-of-distribution test queries (e.g. unseen worlds); empty when none.
         ood_concept_images: source name of the OOD test's images.
         ood_concept_labels: true concept of every image of ``ood_concept_images``, (N,).
+        train_labels: true concept of every image of the training source(s), by source name;
+            only the concept-supervision baseline reads it (``supervision.labels_per_class``).
     """
 
     name: str
@@ -48,3 +50,4 @@ class TaskData:
     ood_test: list[Query] = field(default_factory=list)
     ood_concept_images: str | None = None
     ood_concept_labels: torch.Tensor | None = None
+    train_labels: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -81,6 +81,9 @@ class JointTrainer:
             DeepProbLog's scalar ops; gradients still flow back to the networks' device).
         eval_batch: queries per logic call when predicting answers.
         total_steps: steps of the whole run, for the cosine learning-rate schedule.
+        supervised: (images (m, C, H, W), concept labels (m,)) of the concept-supervision
+            baseline, trained with cross-entropy in every step; needs exactly one network.
+        supervision_weight: weight of that cross-entropy.
     """
 
     def __init__(
@@ -97,6 +100,8 @@ class JointTrainer:
         logic_device: torch.device | str = "cpu",
         eval_batch: int = 64,
         total_steps: int = 1,
+        supervised: tuple[torch.Tensor, torch.Tensor] | None = None,
+        supervision_weight: float = 1.0,
     ) -> None:
         self.logic, self.sources, self.optim_cfg = logic, dict(sources), optim
         self.device, self.logic_device = device, torch.device(logic_device)
@@ -116,6 +121,12 @@ class JointTrainer:
             for i, (name, net) in enumerate(self.nets.items())
         }  # fmt: skip
         self.w_marginal_entropy = gedi.w_marginal_entropy
+        if supervised is not None and len(self.nets) != 1:
+            raise ConfigError(
+                f"concept supervision needs exactly one network, the program has "
+                f"{sorted(self.nets)}; set supervision.labels_per_class: 0"
+            )
+        self.supervised, self.supervision_weight = supervised, supervision_weight
         self.step = 0
         self.n_unprovable = 0  # training queries without a proof, summed over steps
         self.uses_gedi = any(w != 0.0 for w in next(iter(self.objectives.values())).weights)
@@ -172,8 +183,8 @@ class JointTrainer:
             extra: unlabelled images (m, C, H, W) for the GEDI terms only, or None.
 
         Returns:
-            (total loss, logged values: ``logic``, ``marginal_entropy`` when its weight is not 0,
-            each active GEDI part, ``total``, ``unprovable``).
+            (total loss, logged values: ``logic``, ``marginal_entropy`` and ``concept_ce`` when
+            those baselines are on, each active GEDI part, ``total``, ``unprovable``).
         """
         keys = tensor_keys(queries)
         images = self.images(keys)  # (n, C, H, W)
@@ -186,6 +197,12 @@ class JointTrainer:
             l_h = sum(marginal_entropy_loss(z) for z in logits.values())  # baseline L_H
             total = total + self.w_marginal_entropy * l_h
             values["marginal_entropy"] = float(l_h.detach())
+        if self.supervised is not None:
+            x, y = self.supervised
+            net = next(iter(self.nets.values()))
+            l_sup = F.cross_entropy(net(x.to(self.device)), y.to(self.device))  # (m, K) -> ()
+            total = total + self.supervision_weight * l_sup
+            values["concept_ce"] = float(l_sup.detach())
         if self.uses_gedi:
             gedi_images = images if extra is None else torch.cat([images, extra.to(self.device)])
             l_gedi, logged = self.gedi_parts(gedi_images)

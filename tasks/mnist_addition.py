@@ -120,6 +120,7 @@ def build(params: dict[str, Any], data_root: str | None) -> TaskData:
         test=test,
         concept_images="test",
         concept_labels=test_y,
+        train_labels={"train": train_y},
         unlabelled={"train": order[used : used + p.n_unlabelled]},
         info={"n_train_queries": len(train), "n_val_queries": len(val), "n_test": len(test)},
     )

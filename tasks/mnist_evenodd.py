@@ -275,6 +275,7 @@ def build_world_task(
         ood_test=stacked_queries(OOD_SOURCE, ood_d),
         ood_concept_images=OOD_SOURCE,
         ood_concept_labels=ood_d.reshape(-1),  # (2 Q_ood,)
+        train_labels={"train": train_y},
         info={
             "n_train_queries": len(train_d),
             "n_val_queries": len(val_d),

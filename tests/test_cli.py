@@ -115,3 +115,21 @@ def test_resume_under_another_config_is_a_one_line_error(tmp_path, capsys):
     assert main(common + ["--set", "optim.steps=1", "--set", "model.width=4", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "was made with model.width = 8, the config now says 4" in err and err.count("\n") == 1
+
+
+@needs_data
+def test_concept_supervision_baseline_trains_on_k_labels_per_class(tmp_path):
+    config = tmp_path / "half.yaml"
+    config.write_text(
+        "name: half_sup\n"
+        "task: {name: mnist_half, n_train_per_world: 4, n_val_per_world: 1, n_test_per_world: 1}\n"
+        "model: {width: 4}\n"
+        "optim: {batch_size: 14, log_every: 1}\n"
+        "supervision: {labels_per_class: 1}\n"
+    )
+    sets = ["--set", f"out_dir={tmp_path}", "--set", f"logic.cache_dir={tmp_path / 'cc'}"]
+    assert main(["train", str(config), "--no-progress", *sets]) == 0
+    log = [json.loads(line) for line in (tmp_path / "half_sup/log.jsonl").read_text().splitlines()]
+    assert all(row["concept_ce"] > 0 for row in log)
+    too_many = ["--set", "supervision.labels_per_class=100", "--set", "name=x"]
+    assert main(["train", str(config), "--no-progress", *sets, *too_many]) == 2
