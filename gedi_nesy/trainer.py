@@ -68,7 +68,8 @@ class JointTrainer:
 
     Args:
         logic: engine with ``query_probs(queries, tables) -> (probs (Q,), provable (Q,))`` and
-            ``answer_probs``; see :class:`gedi_nesy.bridge.LogicModel`.
+            ``best_answers(queries, tables)``: :class:`gedi_nesy.compiled.CompiledLogic` or
+            :class:`gedi_nesy.bridge.LogicModel`.
         nets: network name -> module returning logits (B, K) (a :class:`GEDINet` or any module).
         sources: tensor-source name -> images (N, C, H, W); ``tensor(src(i))`` is
             ``sources[src][i]``.
