@@ -88,17 +88,25 @@ def test_audit_command_prints_the_counts(capsys):
     assert "has no audit_spec" in capsys.readouterr().err
 
 
-@needs_data
-def test_train_prints_the_shortcut_audit_and_trains_a_shortcut_task(tmp_path, capsys):
+def _train_tiny_half(tmp_path, name: str, per_world: int, batch: int, *extra: str) -> int:
+    """``gedi-nesy train`` on a tiny MNIST-Half (width-4 net) with ``--set`` overrides ``extra``."""
     config = tmp_path / "half.yaml"
     config.write_text(
-        "name: half\n"
-        "task: {name: mnist_half, n_train_per_world: 2, n_val_per_world: 1, n_test_per_world: 1}\n"
+        f"name: {name}\n"
+        f"task: {{name: mnist_half, n_train_per_world: {per_world}, n_val_per_world: 1, "
+        "n_test_per_world: 1}\n"
         "model: {width: 4}\n"
-        "optim: {batch_size: 7, log_every: 1}\n"
+        f"optim: {{batch_size: {batch}, log_every: 1}}\n"
     )
     sets = ["--set", f"out_dir={tmp_path}", "--set", f"logic.cache_dir={tmp_path / 'cc'}"]
-    assert main(["train", str(config), "--no-progress", *sets]) == 0
+    for item in extra:
+        sets += ["--set", item]
+    return main(["train", str(config), "--no-progress", *sets])
+
+
+@needs_data
+def test_train_prints_the_shortcut_audit_and_trains_a_shortcut_task(tmp_path, capsys):
+    assert _train_tiny_half(tmp_path, "half", 2, 7) == 0
     out = capsys.readouterr().out
     assert "shortcut audit: 3 concept maps fit the training data, 1 of them bijections" in out
     metrics = json.loads((tmp_path / "half/metrics.json").read_text())
@@ -119,17 +127,7 @@ def test_resume_under_another_config_is_a_one_line_error(tmp_path, capsys):
 
 @needs_data
 def test_concept_supervision_baseline_trains_on_k_labels_per_class(tmp_path):
-    config = tmp_path / "half.yaml"
-    config.write_text(
-        "name: half_sup\n"
-        "task: {name: mnist_half, n_train_per_world: 4, n_val_per_world: 1, n_test_per_world: 1}\n"
-        "model: {width: 4}\n"
-        "optim: {batch_size: 14, log_every: 1}\n"
-        "supervision: {labels_per_class: 1}\n"
-    )
-    sets = ["--set", f"out_dir={tmp_path}", "--set", f"logic.cache_dir={tmp_path / 'cc'}"]
-    assert main(["train", str(config), "--no-progress", *sets]) == 0
+    assert _train_tiny_half(tmp_path, "half_sup", 4, 14, "supervision.labels_per_class=1") == 0
     log = [json.loads(line) for line in (tmp_path / "half_sup/log.jsonl").read_text().splitlines()]
     assert all(row["concept_ce"] > 0 for row in log)
-    too_many = ["--set", "supervision.labels_per_class=100", "--set", "name=x"]
-    assert main(["train", str(config), "--no-progress", *sets, *too_many]) == 2
+    assert _train_tiny_half(tmp_path, "x", 4, 14, "supervision.labels_per_class=100") == 2
