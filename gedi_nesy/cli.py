@@ -1,4 +1,4 @@
-"""Command line: ``gedi-nesy gedi|train CONFIG [--set key=value ...] [--resume]``.
+"""Command line: ``gedi-nesy gedi|train|bench CONFIG [--set key=value ...]`` and ``audit TASK``.
 
 The CLI only parses arguments and calls the library. Errors a user can fix are printed as one line
 (``error: ...``) with exit status 2.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from gedi_nesy.errors import GediNesyError
@@ -29,6 +30,16 @@ def get_parser() -> argparse.ArgumentParser:
     audit.add_argument("task", help="task name, e.g. mnist_evenodd")
     audit.add_argument("--limit", type=int, default=50, help="how many maps to list")
     audit.add_argument("--json", action="store_true", help="print the result as JSON")
+    bench = sub.add_parser(
+        "bench", help="compare methods over seeds (and data sizes); rerun to resume"
+    )
+    bench.add_argument("config", help="bench YAML file, e.g. configs/bench_half.yaml")
+    bench.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a bench value, e.g. --set seeds=[0,1] --set base.optim.epochs=2",
+    )  # fmt: skip
+    bench.add_argument("--jobs", type=int, default=1, help="trials run in parallel processes")
+    bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
 
@@ -106,10 +117,8 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = load_config(args.config, NesyRunConfig, args.overrides)
     module = _task_module(cfg.task.get("name"))
-    if hasattr(module, "audit_spec"):
-        from gedi_nesy.audit import audit
-
-        summary = audit(*module.audit_spec(cfg.task), limit=0)
+    summary = _task_audit(module, cfg.task)
+    if summary is not None:
         print(f"shortcut audit: {summary.n_maps} concept maps fit the training data, "
               f"{summary.n_bijections} of them bijections")  # fmt: skip
     task = module.build(cfg.task, cfg.data_root)
@@ -118,7 +127,39 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any]:
     return metrics
 
 
-COMMANDS = {"gedi": _run_gedi, "train": _run_train, "audit": _run_audit}
+def _task_audit(module: Any, params: dict[str, Any]) -> Any:
+    """The shortcut audit of a task module's training data (limit 0: counts only), or None."""
+    if not hasattr(module, "audit_spec"):
+        return None
+    from gedi_nesy.audit import audit
+
+    return audit(*module.audit_spec(params), limit=0)
+
+
+def _run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from gedi_nesy.audit import audit_to_dict
+    from gedi_nesy.bench import BenchConfig, run_bench, trials
+    from gedi_nesy.config import load_config
+    from gedi_nesy.errors import TrainingError
+
+    cfg = load_config(args.config, BenchConfig, args.overrides)
+    trials(cfg)  # checks every trial's config before anything runs
+    task = cfg.base.get("task", {})
+    result = _task_audit(_task_module(task.get("name", "mnist_addition")), task)
+    summary = None if result is None else audit_to_dict(result)
+    out = run_bench(cfg, jobs=args.jobs, audit=summary, progress=not args.no_progress)
+    print((Path(out["folder"]) / "summary.md").read_text())
+    if out["failed"]:
+        for message in out["failed"]:
+            print(message, file=sys.stderr)
+        raise TrainingError(
+            f"{len(out['failed'])} of {out['trials']} trials failed (messages above); fix the "
+            "cause and rerun the same command: finished trials are skipped"
+        )
+    return {}
+
+
+COMMANDS = {"gedi": _run_gedi, "train": _run_train, "audit": _run_audit, "bench": _run_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

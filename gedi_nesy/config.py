@@ -56,6 +56,7 @@ class GediConfig:
     w_prior: float = 1.0
     energy_reg: float = 0.0  # alpha of the energy-magnitude penalty
     symmetric_inv: bool = False
+    clean_view: bool = False  # first view = the clean image: L_INV, L_PRIOR see what the logic sees
     tau_in_energy: bool = True  # False: the energy uses z * tau (scores before the temperature)
     swav_temperature: float = 0.1
     sinkhorn_epsilon: float = 0.05
@@ -124,6 +125,7 @@ class NesyOptimConfig:
     eval_every: int = 0  # steps between validation runs; 0: once per epoch
     patience: int = 0  # validations without improvement before stopping; 0: never stop early
     extra_images: int = 0  # unlabelled images added to each step's GEDI terms
+    gedi_only_steps: int = 0  # first steps train the GEDI terms alone (logic loss weight 0)
 
 
 @dataclass

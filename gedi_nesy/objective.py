@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from gedi_nesy.augment import AugmentConfig, two_views
+from gedi_nesy.augment import augment as random_view
 from gedi_nesy.config import GediConfig, SGLDConfig
 from gedi_nesy.energy import energy
 from gedi_nesy.errors import ConfigError
@@ -119,7 +120,10 @@ class GediObjective:
         use_gen = w.gen != 0.0 or w.energy_reg != 0.0
         batches, b = [], len(x)
         if use_views:
-            batches += list(two_views(x, self.augment, self.generator))  # 2 x (B, C, H, W)
+            if self.gedi.clean_view:
+                batches += [x, random_view(x, self.augment, self.generator)]  # 2 x (B, C, H, W)
+            else:
+                batches += list(two_views(x, self.augment, self.generator))  # 2 x (B, C, H, W)
         if use_gen:
             noise = torch.randn(x.shape, generator=self.generator, device=x.device)
             batches += [x + self.sgld.data_noise * noise, self.samples(b)]  # 2 x (B, C, H, W)

@@ -6,7 +6,9 @@ network over them, hand the probability rows to the logic engine as lookup table
     L = L_logic + w_gen L_GEN + w_inv L_INV + w_prior L_PRIOR   (+ energy_reg, swav)
 
 with L_logic = mean over provable queries of -log P(query) (as DeepProbLog's own cross-entropy,
-eps = 1e-12). One backward, one optimiser step: the backward of a joint step is in this file.
+eps = 1e-12); during the first ``optim.gedi_only_steps`` steps L_logic is logged but not
+trained (a warm-up of the GEDI terms alone). One backward, one optimiser step: the backward of
+a joint step is in this file.
 Unprovable queries are counted and logged, never turned into a silent zero.
 """
 
@@ -131,6 +133,11 @@ class JointTrainer:
         self.step = 0
         self.n_unprovable = 0  # training queries without a proof, summed over steps
         self.uses_gedi = any(w != 0.0 for w in next(iter(self.objectives.values())).weights)
+        if optim.gedi_only_steps < 0 or (optim.gedi_only_steps > 0 and not self.uses_gedi):
+            raise ConfigError(
+                f"optim.gedi_only_steps = {optim.gedi_only_steps}: it must be >= 0, and > 0 only "
+                "with a GEDI weight > 0 (otherwise those steps train nothing); set it to 0"
+            )
         if self.uses_gedi and not all(hasattr(n, "tau") for n in self.nets.values()):
             raise ConfigError(
                 "the GEDI terms need networks with a temperature `tau` (GEDINet); set every "
@@ -193,7 +200,8 @@ class JointTrainer:
         probs, provable = self.logic.query_probs(queries, tables)  # (Q,), (Q,)
         l_logic = logic_loss(probs, provable)
         values: dict[str, float] = {"logic": float(l_logic.detach())}
-        total = l_logic.to(self.device)
+        logic_on = self.step >= self.optim_cfg.gedi_only_steps
+        total = l_logic.to(self.device) if logic_on else l_logic.new_zeros((), device=self.device)
         if self.w_marginal_entropy != 0.0:
             l_h = sum(marginal_entropy_loss(z) for z in logits.values())  # baseline L_H
             total = total + self.w_marginal_entropy * l_h

@@ -268,7 +268,7 @@ def test_answers_and_best_answers(adder, two_nets, digit_table):
     matrix = adder.answer_probs([query], list(range(19)), digit_table)
     assert matrix.probs.shape == (1, 19)
     assert matrix.probs[0, 4:7].tolist() == pytest.approx([0.2, 0.5, 0.3])
-    assert float(matrix.probs.sum()) == pytest.approx(1.0)
+    assert float(matrix.probs.sum().detach()) == pytest.approx(1.0)
 
     no_answer = Query(Term("big", img(0), Constant(0)))  # digits 0..2 are never > 5
     assert two_nets.best_answers([no_answer], small_tables()) == [None]

@@ -131,3 +131,22 @@ def test_concept_supervision_baseline_trains_on_k_labels_per_class(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "half_sup/log.jsonl").read_text().splitlines()]
     assert all(row["concept_ce"] > 0 for row in log)
     assert _train_tiny_half(tmp_path, "x", 4, 14, "supervision.labels_per_class=100") == 2
+
+
+@needs_data
+def test_swav_joint_method_and_gedi_only_steps(tmp_path, capsys):
+    assert _train_tiny_half(tmp_path, "half_swav", 2, 7, "gedi.method=swav", "gedi.w_inv=0.5") == 0
+    log = [json.loads(line) for line in (tmp_path / "half_swav/log.jsonl").read_text().splitlines()]
+    assert all(row["total"] == pytest.approx(row["logic"] + 0.5 * row["swav"]) for row in log)
+    sets = ["gedi.w_gen=0", "gedi.w_inv=0.1", "gedi.w_prior=0.2", "optim.gedi_only_steps=1"]
+    assert _train_tiny_half(tmp_path, "half_warm", 2, 7, *sets) == 0
+    log = [json.loads(line) for line in (tmp_path / "half_warm/log.jsonl").read_text().splitlines()]
+    gedi = [0.1 * row["inv"] + 0.2 * row["prior"] for row in log]
+    assert log[0]["total"] == pytest.approx(
+        gedi[0]
+    )  # step 1: the logic loss is logged, not trained
+    assert log[1]["total"] == pytest.approx(log[1]["logic"] + gedi[1])
+    assert log[0]["logic"] > 0
+    off = ["gedi.w_gen=0", "gedi.w_inv=0", "gedi.w_prior=0", "optim.gedi_only_steps=5"]
+    assert _train_tiny_half(tmp_path, "half_bad", 2, 7, *off) == 2
+    assert "optim.gedi_only_steps = 5: it must be >= 0, and > 0 only" in capsys.readouterr().err

@@ -224,3 +224,20 @@ def test_marginal_entropy_loss_is_0_at_uniform_and_1_under_collapse():
     assert marginal_entropy_loss(collapsed).item() == pytest.approx(1.0, abs=1e-6)  # H = 0
     half = torch.tensor([[50.0, 0, 0, 0], [0, 50.0, 0, 0]])  # two classes: H = log 2
     assert marginal_entropy_loss(half).item() == pytest.approx(0.5, abs=1e-6)  # 1 - log2/log4
+
+
+def test_clean_view_puts_the_prior_on_the_images_the_logic_sees():
+    from gedi_nesy.config import GediConfig, SGLDConfig
+    from gedi_nesy.objective import GediObjective
+
+    torch.manual_seed(0)
+    net = GEDINet(5, width=4, feature_dim=16, proj_dim=8)
+    x = torch.rand(6, 1, 28, 28) * 2 - 1
+    gedi = GediConfig(w_gen=0.0, w_inv=1.0, w_prior=1.0, clean_view=True)
+    objective = GediObjective(net, gedi, SGLDConfig(), AugmentConfig(), image_shape=(1, 28, 28),
+                              device=torch.device("cpu"), seed=0)  # fmt: skip
+    parts = objective(x)
+    assert parts.prior.item() == pytest.approx(prior_loss(net(x)).item(), rel=1e-6)
+    plain = GediObjective(net, GediConfig(w_gen=0.0), SGLDConfig(), AugmentConfig(),
+                          image_shape=(1, 28, 28), device=torch.device("cpu"), seed=0)  # fmt: skip
+    assert plain(x).prior.item() != pytest.approx(parts.prior.item(), rel=1e-6)

@@ -1,0 +1,427 @@
+"""The comparison runner behind ``gedi-nesy bench CONFIG``: methods x data sizes x seeds.
+
+A bench config names a base run config (the ``gedi-nesy train`` format), the methods as overrides
+of it, the seeds and optionally a data-size axis. Every (method, size, seed) is a *trial*: one
+``gedi-nesy train`` run in its own process, in ``<out_dir>/<name>/trials/<trial>/``. A trial is
+finished when its ``metrics.json`` exists (written atomically at the end of the run), so a rerun
+skips finished trials and resumes interrupted ones from their checkpoints: a killed bench loses at
+most the steps since the last checkpoint of the trials in flight.
+
+When the trials are done, the bench writes next to them:
+
+- ``results.csv``: one row per trial, every scalar metric of its ``metrics.json``;
+- ``summary.md``: mean ± std over seeds per method (and size), the RS rate, the concept maps the
+  seeds implement, and the shortcut audit when the task has one;
+- ``confusion_<method>[_<size>].png``: the concept confusion matrix summed over seeds;
+- ``concept_acc_vs_size.png``: raw and matched Acc(C) against the data size (with >= 2 sizes).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import statistics
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from gedi_nesy.config import NesyRunConfig, from_dict, to_dict
+from gedi_nesy.errors import ConfigError, TrainingError
+from gedi_nesy.metrics import rs_rate
+from gedi_nesy.plots import save_confusion_png, save_lines_png
+from gedi_nesy.runtime import atomic_write_json, atomic_write_text
+
+# metric key in metrics.json -> column heading of summary.md
+DEFAULT_COLUMNS = {
+    "test_task_acc": "Acc(Y)",
+    "acc_c": "raw Acc(C)",
+    "acc_c_matched": "matched Acc(C)",
+    "nmi_c": "NMI(C)",
+    "f1_c_macro": "F1(C) macro",
+    "collapse_hard": "Cls hard",
+    "ood_task_acc": "OOD Acc(Y)",
+    "ood_acc_c": "OOD raw Acc(C)",
+    "train_seconds": "train s",
+}
+
+
+@dataclass
+class BenchConfig:
+    """A comparison: ``base`` run config, ``methods`` as overrides of it, seeds and sizes.
+
+    Method overrides are mappings of dotted keys (``gedi.w_inv: 0``) or nested sections
+    (``gedi: {w_inv: 0}``). Each seed sets every key in ``seed_keys``; each size sets
+    ``size_key``. Everything else a trial needs comes from ``base``.
+    """
+
+    name: str = "bench"
+    out_dir: str = "runs"
+    base: dict[str, Any] = field(default_factory=dict)  # a `gedi-nesy train` config mapping
+    methods: dict[str, Any] = field(default_factory=dict)  # method name -> overrides of base
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seed_keys: list[str] = field(default_factory=lambda: ["task.seed", "optim.seed"])
+    size_key: str | None = None  # dotted key of the data-size axis, e.g. task.n_train
+    sizes: list[int] = field(default_factory=list)  # its values; empty: base's own size
+    columns: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_COLUMNS))
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One run of the bench: a method at a data size (None: the base's) with a seed."""
+
+    method: str
+    size: int | None
+    seed: int
+
+    @property
+    def name(self) -> str:
+        size = "" if self.size is None else f"-n{self.size}"
+        return f"{self.method}{size}-s{self.seed}"
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """``tree[a][b] = value`` for ``key = "a.b"``, creating sections on the way."""
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"bench key {key!r}: {part!r} is a value, not a section")
+    node[parts[-1]] = value
+
+
+def _flatten(overrides: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def trial_config(cfg: BenchConfig, trial: Trial) -> dict[str, Any]:
+    """The ``gedi-nesy train`` config mapping of one trial (validated by the caller)."""
+    raw = copy.deepcopy(cfg.base)
+    for key, value in _flatten(cfg.methods[trial.method]).items():
+        set_dotted(raw, key, copy.deepcopy(value))
+    for key in cfg.seed_keys:
+        set_dotted(raw, key, trial.seed)
+    if trial.size is not None:
+        assert cfg.size_key is not None
+        set_dotted(raw, cfg.size_key, trial.size)
+    raw["name"] = trial.name
+    raw["out_dir"] = str(bench_dir(cfg) / "trials")
+    return raw
+
+
+def bench_dir(cfg: BenchConfig) -> Path:
+    """The folder of the bench's outputs, ``<out_dir>/<name>``."""
+    return Path(cfg.out_dir) / cfg.name
+
+
+def trials(cfg: BenchConfig) -> list[Trial]:
+    """Every trial in run order (method, then size, then seed), after checking the config.
+
+    Raises:
+        ConfigError: no methods or seeds, a method that is not a mapping, a size axis given
+            halfway, duplicate seeds or sizes, or a trial config `gedi-nesy train` would refuse.
+    """
+    if not cfg.methods:
+        raise ConfigError("the bench config has no methods; add e.g. methods: {dpl: {}}")
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ConfigError(f"bench seeds = {cfg.seeds}; give distinct seeds, e.g. [0, 1, 2]")
+    if (cfg.size_key is None) != (not cfg.sizes) or len(set(cfg.sizes)) != len(cfg.sizes):
+        raise ConfigError(
+            f"bench size_key = {cfg.size_key!r} with sizes = {cfg.sizes}; give both (distinct "
+            "sizes, e.g. size_key: task.n_train, sizes: [100, 300]) or neither"
+        )
+    for method, overrides in cfg.methods.items():
+        if not isinstance(overrides, Mapping) or "/" in method or method.startswith("."):
+            raise ConfigError(
+                f"bench method {method!r} = {overrides!r}: a method is a name without '/' and "
+                "a mapping of overrides, e.g. dpl: {gedi.w_inv: 0}"
+            )
+    sizes: list[int | None] = list(cfg.sizes) or [None]
+    out = [Trial(m, n, s) for m in cfg.methods for n in sizes for s in cfg.seeds]
+    for trial in out:
+        try:
+            from_dict(NesyRunConfig, trial_config(cfg, trial))
+        except ConfigError as exc:
+            raise ConfigError(f"bench trial {trial.name}: {exc}") from None
+    return out
+
+
+def trial_dir(cfg: BenchConfig, trial: Trial) -> Path:
+    return bench_dir(cfg) / "trials" / trial.name
+
+
+def is_finished(cfg: BenchConfig, trial: Trial) -> bool:
+    """Whether the trial wrote its metrics (the last thing a run does)."""
+    return (trial_dir(cfg, trial) / "metrics.json").is_file()
+
+
+def check_finished_configs(cfg: BenchConfig) -> None:
+    """Refuse to skip a finished trial whose saved config differs from what the bench now asks.
+
+    Raises:
+        ConfigError: naming the trial and the first setting that differs.
+    """
+    for trial in trials(cfg):
+        saved_path = trial_dir(cfg, trial) / "config.yaml"
+        if not is_finished(cfg, trial) or not saved_path.is_file():
+            continue
+        saved = _flatten(yaml.safe_load(saved_path.read_text()))
+        now = _flatten(to_dict(from_dict(NesyRunConfig, trial_config(cfg, trial))))
+        for key in sorted((set(saved) | set(now)) - {"name", "out_dir"}):
+            if saved.get(key) != now.get(key):
+                raise ConfigError(
+                    f"bench trial {trial.name} finished with {key} = {saved.get(key)!r}, the "
+                    f"bench now says {now.get(key)!r}; give the bench another name, or delete "
+                    f"{trial_dir(cfg, trial)} to run it again"
+                )
+
+
+def run_trial(cfg: BenchConfig, trial: Trial) -> None:
+    """Run one trial as ``python -m gedi_nesy train`` in a new process; resume its checkpoint.
+
+    The trial's config is ``trials/<trial>.yaml``; its output (progress off) is appended to
+    ``trials/<trial>.log``.
+
+    Raises:
+        TrainingError: the run failed; the message names its log and quotes the last line.
+    """
+    folder = bench_dir(cfg) / "trials"
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / f"{trial.name}.yaml"
+    atomic_write_text(config, yaml.safe_dump(trial_config(cfg, trial), sort_keys=False))
+    cmd = [sys.executable, "-m", "gedi_nesy", "train", str(config), "--no-progress"]
+    if (trial_dir(cfg, trial) / "checkpoint.pt").is_file():
+        cmd.append("--resume")
+    log = folder / f"{trial.name}.log"
+    with open(log, "a") as f:  # a resumed trial keeps the output of its earlier attempt
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        lines = log.read_text().strip().splitlines() or ["(no output)"]
+        raise TrainingError(f"trial {trial.name} failed ({log}): {lines[-1]}")
+
+
+def run_bench(
+    cfg: BenchConfig,
+    *,
+    jobs: int = 1,
+    audit: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the trials that are not finished, ``jobs`` at a time, then write the report.
+
+    Args:
+        cfg: the bench config.
+        jobs: trials run in parallel (each its own process with ``optim.threads`` threads).
+        audit: the task's shortcut audit (:func:`gedi_nesy.audit.audit_to_dict`), or None.
+        progress: show a progress bar over trials.
+
+    Returns:
+        ``{"trials", "skipped", "failed": [messages], "folder"}``.
+
+    Raises:
+        ConfigError: ``jobs`` < 1, the config is invalid, or a finished trial was made under
+            another config (all checked before any trial runs).
+    """
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: run at least 1 trial at a time")
+    all_trials = trials(cfg)
+    check_finished_configs(cfg)
+    out = bench_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "bench.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if audit is not None:
+        atomic_write_json(out / "audit.json", dict(audit))
+    pending = [t for t in all_trials if not is_finished(cfg, t)]
+    failed: list[str] = []
+    bar = tqdm(total=len(all_trials), initial=len(all_trials) - len(pending), disable=not progress,
+               desc=cfg.name, unit="trial")  # fmt: skip
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        running: dict[Future, Trial] = {}
+        queue = list(pending)
+        while queue or running:
+            while queue and len(running) < jobs:
+                trial = queue.pop(0)
+                running[pool.submit(run_trial, cfg, trial)] = trial
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                trial = running.pop(future)
+                if future.exception() is not None:
+                    failed.append(str(future.exception()))
+                bar.update(1)
+                bar.set_postfix_str(trial.name)
+    bar.close()
+    write_report(cfg, audit)
+    return {
+        "trials": len(all_trials),
+        "skipped": len(all_trials) - len(pending),
+        "failed": failed,
+        "folder": str(out),
+    }
+
+
+def load_results(cfg: BenchConfig) -> list[tuple[Trial, dict[str, Any]]]:
+    """(trial, metrics) of every finished trial, in run order."""
+    return [
+        (t, json.loads((trial_dir(cfg, t) / "metrics.json").read_text()))
+        for t in trials(cfg)
+        if is_finished(cfg, t)
+    ]
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, list):
+        return " ".join(str(v) for v in value)
+    return value
+
+
+def results_csv(rows: Sequence[tuple[Trial, dict[str, Any]]]) -> str:
+    """One line per trial: method, size, seed, then every scalar or list metric (sorted keys)."""
+    keys = sorted({k for _, m in rows for k, v in m.items() if not isinstance(v, dict)})
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["trial", "method", "size", "seed", *keys])
+    for trial, metrics in rows:
+        size = "" if trial.size is None else trial.size
+        cells = [_cell(metrics.get(k, "")) for k in keys]
+        writer.writerow([trial.name, trial.method, size, trial.seed, *cells])
+    return buf.getvalue()
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value); NaN for none."""
+    if not values:
+        return math.nan, math.nan
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), std
+
+
+def _fmt(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    mean, std = mean_std(values)
+    digits = 1 if max(abs(v) for v in values) >= 10 else 3
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _maps_text(maps: Sequence[Sequence[int]]) -> str:
+    counts: dict[str, int] = {}
+    for f in maps:
+        text = " ".join(str(v) for v in f)
+        counts[text] = counts.get(text, 0) + 1
+    return ", ".join(f"`{m}` ×{c}" for m, c in sorted(counts.items(), key=lambda x: -x[1]))
+
+
+def summary_table(rows: Sequence[tuple[Trial, dict[str, Any]]], columns: Mapping[str, str]) -> str:
+    """Markdown: one line per (method, size), mean ± std over seeds of each column, the RS rate
+    (seeds with Acc(Y) >= 0.9 and raw Acc(C) < 0.9) and the concept maps the seeds implement."""
+    groups: dict[tuple[str, int | None], list[dict[str, Any]]] = {}
+    for trial, metrics in rows:
+        groups.setdefault((trial.method, trial.size), []).append(metrics)
+    has_size = any(size is not None for _, size in groups)
+    head = ["method", *(["size"] if has_size else []), "seeds", *columns.values(), "RS rate",
+            "concept maps (ID)"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (method, size), group in groups.items():
+        cells = [method, *([str(size)] if has_size else []), str(len(group))]
+        for key in columns:
+            values = [float(m[key]) for m in group if isinstance(m.get(key), int | float)]
+            cells.append(_fmt(values))
+        if all("test_task_acc" in m and "acc_c" in m for m in group):
+            rate = rs_rate([m["test_task_acc"] for m in group], [m["acc_c"] for m in group])
+            cells.append(f"{rate:.2f}")
+        else:
+            cells.append("-")
+        maps = [m["concept_map"] for m in group if "concept_map" in m]
+        cells.append(_maps_text(maps) or "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _confusions(cfg: BenchConfig, rows: Sequence[tuple[Trial, dict[str, Any]]]) -> list[str]:
+    """Sum each (method, size)'s ID confusion matrices over seeds and save one PNG each."""
+    sums: dict[tuple[str, int | None, str], np.ndarray] = {}
+    for trial, _ in rows:
+        for path in sorted(trial_dir(cfg, trial).glob("confusion_*.json")):
+            net = path.stem.removeprefix("confusion_")
+            m = np.asarray(json.loads(path.read_text()), dtype=float)
+            key = (trial.method, trial.size, net)
+            sums[key] = m if key not in sums else sums[key] + m
+    nets = {net for _, _, net in sums}
+    written = []
+    for (method, size, net), m in sums.items():
+        stem = f"confusion_{method}" + ("" if size is None else f"_n{size}")
+        stem += "" if len(nets) == 1 else f"_{net}"
+        seeds = sum(1 for t, _ in rows if (t.method, t.size) == (method, size))
+        title = f"{method}" + ("" if size is None else f", size {size}") + f": {seeds} seeds"
+        save_confusion_png(m, bench_dir(cfg) / f"{stem}.png", title=title)
+        written.append(f"{stem}.png")
+    return written
+
+
+def _size_plot(cfg: BenchConfig, rows: Sequence[tuple[Trial, dict[str, Any]]]) -> str | None:
+    """Raw (solid) and matched Acc(C) against size, mean ± std over seeds; None below 2 sizes."""
+    sizes = sorted({t.size for t, _ in rows if t.size is not None})
+    if len(sizes) < 2:
+        return None
+    ys: dict[str, list[float]] = {}
+    errs: dict[str, list[float]] = {}
+    for method in cfg.methods:
+        for key, label in (("acc_c", "raw"), ("acc_c_matched", "matched")):
+            means, stds = [], []
+            for n in sizes:
+                vals = [float(m[key]) for t, m in rows
+                        if t.method == method and t.size == n and key in m]  # fmt: skip
+                mean, std = mean_std(vals)
+                means.append(mean)
+                stds.append(std)
+            if not all(math.isnan(v) for v in means):
+                ys[f"{method} ({label})"], errs[f"{method} ({label})"] = means, stds
+    if not ys:
+        return None
+    name = "concept_acc_vs_size.png"
+    save_lines_png(sizes, ys, bench_dir(cfg) / name, xlabel=cfg.size_key or "size",
+                   ylabel="Acc(C), mean ± std over seeds", title=cfg.name, yerr_by_name=errs,
+                   logx=sizes[-1] / sizes[0] >= 10)  # fmt: skip
+    return name
+
+
+def write_report(cfg: BenchConfig, audit: Mapping[str, Any] | None = None) -> str:
+    """Write results.csv, summary.md, the confusion PNGs and the size plot; return summary.md."""
+    out = bench_dir(cfg)
+    rows = load_results(cfg)
+    atomic_write_text(out / "results.csv", results_csv(rows))
+    n_all = len(trials(cfg))
+    text = [f"# {cfg.name}\n", f"{len(rows)} of {n_all} trials finished; seeds {cfg.seeds}; "
+            f"per-trial configs and logs in `trials/`. Mean ± std over seeds.\n"]  # fmt: skip
+    if audit is not None:
+        text.append(
+            f"Shortcut audit: {audit['n_maps']} deterministic concept maps fit the training "
+            f"data, {audit['n_bijections']} of them bijections (`audit.json`).\n"
+        )
+    text.append(summary_table(rows, cfg.columns) if rows else "No trial has finished yet.\n")
+    pictures = _confusions(cfg, rows)
+    plot = _size_plot(cfg, rows)
+    if plot is not None:
+        pictures.insert(0, plot)
+    if pictures:
+        text.append("Figures: " + ", ".join(f"[{p}]({p})" for p in pictures) + ".\n")
+    summary = "\n".join(text)
+    atomic_write_text(out / "summary.md", summary)
+    return summary

@@ -1,0 +1,178 @@
+"""The bench runner: trial configs, the report on hand-made results, and a tiny real bench."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+
+import pytest
+
+from gedi_nesy.bench import (
+    BenchConfig,
+    Trial,
+    mean_std,
+    results_csv,
+    summary_table,
+    trial_config,
+    trials,
+    write_report,
+)
+from gedi_nesy.cli import main
+from gedi_nesy.config import from_dict
+from gedi_nesy.errors import ConfigError
+
+needs_data = pytest.mark.skipif(
+    not os.environ.get("GEDI_NESY_DATA"), reason="set GEDI_NESY_DATA to the raw MNIST folder"
+)
+
+
+def _cfg(tmp_path, **kw) -> BenchConfig:
+    raw = {
+        "name": "b",
+        "out_dir": str(tmp_path),
+        "base": {"task": {"name": "mnist_half"}, "gedi": {"w_inv": 0.1}},
+        "methods": {"dpl": {"gedi.w_inv": 0, "gedi.w_prior": 0}, "gedi": {"gedi": {"w_gen": 0}}},
+        "seeds": [3, 4],
+    }
+    raw.update(kw)
+    return from_dict(BenchConfig, raw)
+
+
+def test_trials_run_methods_then_sizes_then_seeds(tmp_path):
+    cfg = _cfg(tmp_path, size_key="task.n_train_per_world", sizes=[10, 20])
+    names = [t.name for t in trials(cfg)]
+    assert names == ["dpl-n10-s3", "dpl-n10-s4", "dpl-n20-s3", "dpl-n20-s4",
+                     "gedi-n10-s3", "gedi-n10-s4", "gedi-n20-s3", "gedi-n20-s4"]  # fmt: skip
+
+
+def test_trial_config_merges_dotted_and_nested_overrides_and_sets_seed_and_size(tmp_path):
+    cfg = _cfg(tmp_path, size_key="task.n_train_per_world", sizes=[10])
+    raw = trial_config(cfg, Trial("gedi", 10, 4))
+    assert raw["gedi"] == {"w_inv": 0.1, "w_gen": 0}
+    assert raw["task"] == {"name": "mnist_half", "seed": 4, "n_train_per_world": 10}
+    assert raw["optim"] == {"seed": 4}
+    assert raw["name"] == "gedi-n10-s4" and raw["out_dir"] == str(tmp_path / "b" / "trials")
+    dpl = trial_config(cfg, Trial("dpl", 10, 3))
+    assert dpl["gedi"] == {"w_inv": 0, "w_prior": 0}
+    assert cfg.base["gedi"] == {"w_inv": 0.1}  # the base is not modified
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"methods": {}}, "has no methods"),
+        ({"seeds": [1, 1]}, "give distinct seeds"),
+        ({"sizes": [10]}, "give both"),
+        ({"size_key": "task.n_train_per_world"}, "give both"),
+        (
+            {"methods": {"x": {"gedi.w_invv": 1}}},
+            "bench trial x-s3: unknown config key 'gedi.w_invv'",
+        ),
+        ({"methods": {"x": 3}}, "a method is a name without '/' and a mapping"),
+    ],
+)
+def test_bad_bench_configs_are_refused_before_any_trial_runs(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        trials(_cfg(tmp_path, **change))
+
+
+def test_mean_std_is_the_sample_std():
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2**0.5))
+    assert mean_std([0.5]) == (0.5, 0.0)
+
+
+def _metrics(acc_y: float, acc_c: float, concept_map: list[int]) -> dict:
+    return {"test_task_acc": acc_y, "acc_c": acc_c, "concept_map": concept_map,
+            "acc_c_per_class": [1.0, 0.0], "confusion": {"ignored": 1}}  # fmt: skip
+
+
+ROWS = [
+    (Trial("dpl", None, 0), _metrics(0.98, 0.40, [0, 1, 3, 2, 3])),
+    (Trial("dpl", None, 1), _metrics(0.96, 0.44, [0, 1, 3, 2, 3])),
+    (Trial("gedi", None, 0), _metrics(0.97, 0.99, [0, 1, 2, 3, 4])),
+    (Trial("gedi", None, 1), _metrics(0.85, 0.50, [0, 1, 3, 2, 3])),
+]
+
+
+def test_summary_table_gives_mean_std_rs_rate_and_maps():
+    table = summary_table(ROWS, {"test_task_acc": "Acc(Y)", "acc_c": "raw Acc(C)"})
+    lines = table.splitlines()
+    assert lines[0] == "| method | seeds | Acc(Y) | raw Acc(C) | RS rate | concept maps (ID) |"
+    # dpl: Acc(Y) 0.97 ± 0.01414, raw Acc(C) 0.42 ± 0.02828; both seeds are shortcuts
+    assert lines[2] == "| dpl | 2 | 0.970 ± 0.014 | 0.420 ± 0.028 | 1.00 | `0 1 3 2 3` ×2 |"
+    # gedi: seed 1 has Acc(Y) 0.85 < 0.9, so it is not counted as a shortcut: RS rate 0/2
+    assert lines[3].startswith("| gedi | 2 | 0.910 ± 0.085 | 0.745 ± 0.346 | 0.00 |")
+
+
+def test_results_csv_has_one_row_per_trial_and_skips_nested_values():
+    rows = list(csv.reader(io.StringIO(results_csv(ROWS))))
+    assert rows[0] == ["trial", "method", "size", "seed", "acc_c", "acc_c_per_class",
+                       "concept_map", "test_task_acc"]  # fmt: skip
+    assert rows[1] == ["dpl-s0", "dpl", "", "0", "0.4", "1.0 0.0", "0 1 3 2 3", "0.98"]
+    assert len(rows) == 5
+
+
+def test_report_sums_confusions_over_seeds_and_plots_accuracy_against_size(tmp_path):
+    cfg = _cfg(tmp_path, size_key="task.n_train_per_world", sizes=[10, 20])
+    for t in trials(cfg)[:6]:  # gedi-n20-* not finished
+        folder = tmp_path / "b" / "trials" / t.name
+        folder.mkdir(parents=True)
+        acc = 0.5 if t.size == 10 else 0.9
+        m = {"test_task_acc": 1.0, "acc_c": acc, "acc_c_matched": 1.0, "concept_map": [0, 1]}
+        (folder / "metrics.json").write_text(json.dumps(m))
+        (folder / "confusion_digit_net.json").write_text(json.dumps([[2, 0], [1, 1]]))
+    summary = write_report(cfg, {"n_maps": 3, "n_bijections": 1})
+    assert "6 of 8 trials finished" in summary
+    assert "3 deterministic concept maps fit the training data, 1 of them bijections" in summary
+    for name in ["results.csv", "summary.md", "concept_acc_vs_size.png", "confusion_dpl_n10.png",
+                 "confusion_dpl_n20.png", "confusion_gedi_n10.png"]:  # fmt: skip
+        assert (tmp_path / "b" / name).is_file(), name
+    assert not (tmp_path / "b" / "confusion_gedi_n20.png").exists()
+    assert "| dpl | 20 | 2 | 1.000 ± 0.000 | 0.900 ± 0.000 |" in summary
+
+
+def _tiny_bench(tmp_path, methods: str) -> str:
+    config = tmp_path / "bench.yaml"
+    config.write_text(
+        f"name: tiny\nout_dir: {tmp_path}\nseeds: [0, 1]\n"
+        "base:\n"
+        "  task: {name: mnist_half, n_train_per_world: 2, n_val_per_world: 1,\n"
+        "         n_test_per_world: 1}\n"
+        "  model: {width: 4}\n"
+        "  optim: {batch_size: 7}\n"
+        f"  logic: {{cache_dir: {tmp_path / 'cc'}}}\n"
+        f"methods: {methods}\n"
+    )
+    return str(config)
+
+
+@needs_data
+def test_bench_runs_trials_in_parallel_skips_finished_ones_and_reports_failures(tmp_path, capsys):
+    config = _tiny_bench(tmp_path, "{dpl: {gedi.w_inv: 0, gedi.w_prior: 0}, gedi: {}}")
+    assert main(["bench", config, "--jobs", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "4 of 4 trials finished" in out and "1 of them bijections" in out
+    folder = tmp_path / "tiny"
+    first = json.loads((folder / "trials/gedi-s1/metrics.json").read_text())
+    assert first["steps"] == 2
+    assert (folder / "confusion_dpl.png").is_file() and (folder / "audit.json").is_file()
+    stamps = {p: p.stat().st_mtime_ns for p in folder.glob("trials/*/metrics.json")}
+    (folder / "trials/gedi-s1/metrics.json").unlink()  # as if killed after its last checkpoint
+    assert main(["bench", config, "--no-progress"]) == 0
+    again = json.loads((folder / "trials/gedi-s1/metrics.json").read_text())
+    assert "--resume" in (folder / "trials/gedi-s1/argv.txt").read_text()
+    assert again["test_task_acc"] == first["test_task_acc"] and again["acc_c"] == first["acc_c"]
+    for path, stamp in stamps.items():
+        if "gedi-s1" not in str(path):
+            assert path.stat().st_mtime_ns == stamp, path  # finished trials did not run again
+    assert main(["bench", config, "--no-progress", "--set", "base.model.width=5"]) == 2
+    err = capsys.readouterr().err
+    assert "bench trial dpl-s0 finished with model.width = 4, the bench now says 5" in err
+    bad = _tiny_bench(tmp_path, "{dpl: {gedi.w_inv: 0, gedi.w_prior: 0}, "
+                                "sup: {supervision.labels_per_class: 100}}")  # fmt: skip
+    assert main(["bench", bad, "--no-progress", "--set", "seeds=[0]"]) == 2
+    err = capsys.readouterr().err
+    assert "trial sup-s0 failed" in err and "lower labels_per_class" in err
+    assert "1 of 2 trials failed" in err
