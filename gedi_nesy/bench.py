@@ -376,7 +376,7 @@ def _confusions(cfg: BenchConfig, rows: Sequence[tuple[Trial, dict[str, Any]]]) 
 
 
 def _size_plot(cfg: BenchConfig, rows: Sequence[tuple[Trial, dict[str, Any]]]) -> str | None:
-    """Raw (solid) and matched Acc(C) against size, mean ± std over seeds; None below 2 sizes."""
+    """Raw and matched Acc(C) per method against size, mean ± std over seeds; None: < 2 sizes."""
     sizes = sorted({t.size for t, _ in rows if t.size is not None})
     if len(sizes) < 2:
         return None
