@@ -40,7 +40,7 @@ from gedi_nesy.config import NesyRunConfig, from_dict, to_dict
 from gedi_nesy.errors import ConfigError, TrainingError
 from gedi_nesy.metrics import rs_rate
 from gedi_nesy.plots import save_confusion_png, save_lines_png
-from gedi_nesy.runtime import atomic_write_json, atomic_write_text
+from gedi_nesy.runtime import atomic_write_json, atomic_write_text, config_difference
 
 # metric key in metrics.json -> column heading of summary.md
 DEFAULT_COLUMNS = {
@@ -172,25 +172,26 @@ def is_finished(cfg: BenchConfig, trial: Trial) -> bool:
     return (trial_dir(cfg, trial) / "metrics.json").is_file()
 
 
-def check_finished_configs(cfg: BenchConfig) -> None:
+def check_finished_configs(cfg: BenchConfig, all_trials: Sequence[Trial]) -> None:
     """Refuse to skip a finished trial whose saved config differs from what the bench now asks.
 
     Raises:
         ConfigError: naming the trial and the first setting that differs.
     """
-    for trial in trials(cfg):
+    for trial in all_trials:
         saved_path = trial_dir(cfg, trial) / "config.yaml"
         if not is_finished(cfg, trial) or not saved_path.is_file():
             continue
-        saved = _flatten(yaml.safe_load(saved_path.read_text()))
-        now = _flatten(to_dict(from_dict(NesyRunConfig, trial_config(cfg, trial))))
-        for key in sorted((set(saved) | set(now)) - {"name", "out_dir"}):
-            if saved.get(key) != now.get(key):
-                raise ConfigError(
-                    f"bench trial {trial.name} finished with {key} = {saved.get(key)!r}, the "
-                    f"bench now says {now.get(key)!r}; give the bench another name, or delete "
-                    f"{trial_dir(cfg, trial)} to run it again"
-                )
+        saved = yaml.safe_load(saved_path.read_text())
+        now = to_dict(from_dict(NesyRunConfig, trial_config(cfg, trial)))
+        found = config_difference(saved, now)
+        if found is not None:
+            key, a, b = found
+            raise ConfigError(
+                f"bench trial {trial.name} finished with {key} = {a!r}, the bench now says "
+                f"{b!r}; give the bench another name, or delete {trial_dir(cfg, trial)} to run "
+                "it again"
+            )
 
 
 def run_trial(cfg: BenchConfig, trial: Trial) -> None:
@@ -242,7 +243,7 @@ def run_bench(
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs}: run at least 1 trial at a time")
     all_trials = trials(cfg)
-    check_finished_configs(cfg)
+    check_finished_configs(cfg, all_trials)
     out = bench_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "bench.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))

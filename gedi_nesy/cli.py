@@ -138,12 +138,11 @@ def _task_audit(module: Any, params: dict[str, Any]) -> Any:
 
 def _run_bench(args: argparse.Namespace) -> dict[str, Any]:
     from gedi_nesy.audit import audit_to_dict
-    from gedi_nesy.bench import BenchConfig, run_bench, trials
+    from gedi_nesy.bench import BenchConfig, run_bench
     from gedi_nesy.config import load_config
     from gedi_nesy.errors import TrainingError
 
     cfg = load_config(args.config, BenchConfig, args.overrides)
-    trials(cfg)  # checks every trial's config before anything runs
     task = cfg.base.get("task", {})
     result = _task_audit(_task_module(task.get("name", "mnist_addition")), task)
     summary = None if result is None else audit_to_dict(result)

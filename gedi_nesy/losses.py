@@ -94,6 +94,11 @@ def invariance_loss(
     return 0.5 * (ce + ce_ba)
 
 
+def log_batch_marginal(logits: torch.Tensor) -> torch.Tensor:
+    """``log mean_i p(y|x_i)`` of a batch of logits (B, K), shape (K,), computed in log space."""
+    return torch.logsumexp(F.log_softmax(logits, -1), dim=0) - math.log(len(logits))
+
+
 def prior_loss(logits: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
     """L_PRIOR: ``-K sum_y pi_y log(mean_i p(y|x_i))``; with a uniform pi this is the spec's
     ``-sum_y log(mean_i p(y|x_i))``, minimal (``K log K``) iff the batch marginal is uniform.
@@ -106,7 +111,7 @@ def prior_loss(logits: torch.Tensor, target: torch.Tensor | None = None) -> torc
         A scalar; ``K * KL(pi || batch marginal) + K * H(pi)``.
     """
     k = logits.shape[-1]
-    log_marginal = torch.logsumexp(F.log_softmax(logits, -1), dim=0) - math.log(len(logits))  # (K,)
+    log_marginal = log_batch_marginal(logits)  # (K,)
     if target is None:
         return -log_marginal.sum()
     return -k * (target.to(log_marginal) * log_marginal).sum()
@@ -125,7 +130,7 @@ def marginal_entropy_loss(logits: torch.Tensor) -> torch.Tensor:
         A scalar in [0, 1].
     """
     k = logits.shape[-1]
-    log_marginal = torch.logsumexp(F.log_softmax(logits, -1), dim=0) - math.log(len(logits))  # (K,)
+    log_marginal = log_batch_marginal(logits)  # (K,)
     entropy = -(log_marginal.exp() * log_marginal).sum()  # H of the batch marginal
     return 1.0 - entropy / math.log(k)
 

@@ -105,28 +105,40 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    """Refuse to resume a checkpoint under a different config (names and folders may differ).
-
-    Raises:
-        TrainingError: naming the first setting that differs.
-    """
+def config_difference(
+    saved: dict[str, Any], current: dict[str, Any]
+) -> tuple[str, Any, Any] | None:
+    """The first setting (dotted key, saved value, current value) where two run configs differ,
+    ignoring ``name`` and ``out_dir``; None when they agree."""
     ignored = {"name", "out_dir"}
     for key in sorted(set(saved) | set(current)):
         if key in ignored:
             continue
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            check_resume_config(
-                {f"{key}.{k}": v for k, v in a.items()},
-                {f"{key}.{k}": v for k, v in b.items()},
-                path,
+            found = config_difference(
+                {f"{key}.{k}": v for k, v in a.items()}, {f"{key}.{k}": v for k, v in b.items()}
             )
+            if found is not None:
+                return found
         elif a != b:
-            raise TrainingError(
-                f"checkpoint {path} was made with {key} = {a!r}, the config now says {b!r}; "
-                "resume with the checkpoint's config, or start a new run under another name"
-            )
+            return key, a, b
+    return None
+
+
+def check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Refuse to resume a checkpoint under a different config (names and folders may differ).
+
+    Raises:
+        TrainingError: naming the first setting that differs.
+    """
+    found = config_difference(saved, current)
+    if found is not None:
+        key, a, b = found
+        raise TrainingError(
+            f"checkpoint {path} was made with {key} = {a!r}, the config now says {b!r}; "
+            "resume with the checkpoint's config, or start a new run under another name"
+        )
 
 
 def rng_state() -> dict[str, Any]:
