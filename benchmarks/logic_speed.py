@@ -16,9 +16,14 @@ test-time evaluation of all 199 sums of two-digit addition (stock: ``solve`` of 
 sum a variable, per query, as DeepProbLog's ``get_confusion_matrix``; bridge and compiled:
 ``best_answers``). Every engine first runs each batch once untimed (grounding, compilation,
 caches); the second pass is timed. The compiled side keeps its circuits in ``--cache-dir`` (the
-first run compiles them). Example:
+first run compiles them).
 
-    python benchmarks/logic_speed.py --batches-1 4 --batches-2 1 --eval-stock 1
+Four-digit addition (``--batches-4``, ``--stock-4``): DeepProbLog's step on single queries, each
+timed the first time its sum is seen, as in an epoch, where most of the 19,999 sums are new to its
+cache; against :class:`gedi_nesy.chain.ColumnChainLogic` (``logic.engine: column_chain``), timed
+as above. Example:
+
+    python benchmarks/logic_speed.py --batches-1 4 --batches-2 1 --eval-stock 1 --batches-4 4
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from deepproblog.train import TrainObject
 from problog.logic import Constant, Term, list2term
 
 from gedi_nesy.bridge import LogicModel, ProbabilityTable
+from gedi_nesy.chain import ColumnChainLogic
 from gedi_nesy.compiled import CompiledLogic
 from gedi_nesy.trainer import logic_loss, tensor_keys
 
@@ -243,12 +249,43 @@ def predict(
     logic.best_answers(batch, {"digit_net": ProbabilityTable(keys, cnn(x))})
 
 
+def bench_four(args: argparse.Namespace) -> None:
+    rng = random.Random(args.seed + 4)
+    labels = [rng.randrange(10) for _ in range(args.images)]
+    images = torch.rand(args.images, 1, 28, 28)
+    batches = [[make_query(4, labels, rng) for _ in range(args.batch)]
+               for _ in range(args.batches_4)]  # fmt: skip
+    program = PROGRAMS / "multi_addition.pl"
+    torch.manual_seed(args.seed)
+    cnn = SmallCNN()
+    model = stock_model(program, copy.deepcopy(cnn), images)
+    trainer = TrainObject(model)
+    fresh = [[q] for q in batches[0][: args.stock_4]]  # each query's sum seen for the first time
+    start = time.perf_counter()
+    for batch in fresh:
+        stock_step(model, trainer, batch)
+    stock = (time.perf_counter() - start) / len(fresh)  # seconds per query
+    start = time.perf_counter()
+    logic = ColumnChainLogic(CompiledLogic(program, NETWORKS, cache_dir=args.cache_dir))
+    ready = time.perf_counter() - start
+    device = torch.device(args.device)
+    chain = time_table_engine(logic, cnn, images, batches, device) / args.batch  # s per query
+    per_epoch = 7000  # training sums of configs/mnist_addition4.yaml
+    print(f"train 4-digit: stock {stock:.3f} s / query ({len(fresh)} queries, each sum new), "
+          f"column chain {chain:.5f} s / query ({args.batches_4} x {args.batch}; engine ready in "
+          f"{ready:.1f} s, {logic.logic.stats}); chain is {stock / chain:.0f}x stock; an epoch of "
+          f"{per_epoch} sums: stock {stock * per_epoch / 3600:.1f} h, chain "
+          f"{chain * per_epoch / 60:.1f} min")  # fmt: skip
+
+
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches-1", type=int, default=4, help="timed single-digit batches")
     parser.add_argument("--batches-2", type=int, default=1, help="timed two-digit batches")
     parser.add_argument("--eval-stock", type=int, default=1, help="stock evaluation queries")
     parser.add_argument("--eval-ours", type=int, default=64, help="compiled evaluation queries")
+    parser.add_argument("--batches-4", type=int, default=0, help="timed four-digit batches")
+    parser.add_argument("--stock-4", type=int, default=2, help="stock four-digit queries")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
@@ -266,6 +303,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         bench_training(2, args.batches_2, args)
     if args.eval_stock > 0 and args.eval_ours > 0:
         bench_eval(args)
+    if args.batches_4 > 0:
+        bench_four(args)
 
 
 if __name__ == "__main__":

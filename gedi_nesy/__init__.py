@@ -6,12 +6,14 @@ Public API:
     CompiledLogic   a ProbLog program with its neural predicates, exact inference compiled once
                     per query template and evaluated a minibatch at a time (the default engine)
     LogicModel      the same through DeepProbLog's own per-query solve
+    ColumnChainLogic  N-digit addition as an exact chain of compiled column circuits
     JointTrainer    logic loss + GEDI losses, one batched forward, one backward per step
     load_config     typed YAML configs with overrides
     load_images     MNIST / Fashion-MNIST from raw IDX files
 """
 
 from gedi_nesy.bridge import LogicModel
+from gedi_nesy.chain import ColumnChainLogic
 from gedi_nesy.compiled import CompiledLogic
 from gedi_nesy.config import GediRunConfig, NesyRunConfig, load_config
 from gedi_nesy.data import load_images
@@ -20,6 +22,7 @@ from gedi_nesy.nets import GEDINet
 from gedi_nesy.trainer import JointTrainer
 
 __all__ = [
+    "ColumnChainLogic",
     "CompiledLogic",
     "GEDINet",
     "GediNesyError",

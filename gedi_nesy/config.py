@@ -57,6 +57,7 @@ class GediConfig:
     energy_reg: float = 0.0  # alpha of the energy-magnitude penalty
     symmetric_inv: bool = False
     clean_view: bool = False  # first view = the clean image: L_INV, L_PRIOR see what the logic sees
+    prior_target: list[float] | None = None  # K values: the marginal L_PRIOR matches; None: uniform
     tau_in_energy: bool = True  # False: the energy uses z * tau (scores before the temperature)
     swav_temperature: float = 0.1
     sinkhorn_epsilon: float = 0.05
@@ -132,7 +133,9 @@ class NesyOptimConfig:
 class LogicConfig:
     """Which exact-inference engine evaluates the program."""
 
-    engine: Literal["compiled", "deepproblog"] = "compiled"  # deepproblog: its own per-query solve
+    # compiled: one circuit per query template; deepproblog: its own per-query solve;
+    # column_chain: N-digit add/3 as a chain of compiled column/5 circuits (gedi_nesy.chain)
+    engine: Literal["compiled", "deepproblog", "column_chain"] = "compiled"
     cache_dir: str | None = None  # compiled circuits; None: ~/.cache/gedi_nesy/compiled
     eval_batch: int = 256  # queries per evaluation call
 

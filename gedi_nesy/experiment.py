@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from gedi_nesy.bridge import LogicModel
+from gedi_nesy.chain import ColumnChainLogic
 from gedi_nesy.compiled import CompiledLogic
 from gedi_nesy.config import LogicConfig, NesyRunConfig, to_dict
 from gedi_nesy.errors import ConfigError
@@ -35,11 +36,12 @@ from gedi_nesy.task import TaskData
 from gedi_nesy.trainer import JointTrainer, tensor_keys
 
 
-def build_logic(cfg: LogicConfig, task: TaskData) -> LogicModel | CompiledLogic:
+def build_logic(cfg: LogicConfig, task: TaskData) -> LogicModel | CompiledLogic | ColumnChainLogic:
     """The exact-inference engine the config asks for, over the task's program and networks."""
     if cfg.engine == "deepproblog":
         return LogicModel(task.program, task.networks)
-    return CompiledLogic(task.program, task.networks, cache_dir=cfg.cache_dir)
+    compiled = CompiledLogic(task.program, task.networks, cache_dir=cfg.cache_dir)
+    return ColumnChainLogic(compiled) if cfg.engine == "column_chain" else compiled
 
 
 def total_steps(cfg: NesyRunConfig, n_train: int) -> int:
@@ -92,7 +94,7 @@ def build_trainer(cfg: NesyRunConfig, task: TaskData, device: torch.device) -> J
     return JointTrainer(
         logic, nets, task.sources, gedi=cfg.gedi, sgld=cfg.sgld, augment=cfg.augment,
         optim=cfg.optim, device=device, eval_batch=cfg.logic.eval_batch,
-        logic_device=device if cfg.logic.engine == "compiled" else "cpu",
+        logic_device="cpu" if cfg.logic.engine == "deepproblog" else device,
         total_steps=total_steps(cfg, len(task.train)),
         supervised=supervised_images(task, cfg.supervision.labels_per_class, cfg.optim.seed),
         supervision_weight=cfg.supervision.weight,

@@ -48,6 +48,23 @@ def gedi_weights(cfg: GediConfig) -> GediWeights:
     return GediWeights(0.0, 0.0, 0.0, 0.0, cfg.w_inv)
 
 
+def prior_target(
+    values: list[float] | None, k: int | None, device: torch.device
+) -> torch.Tensor | None:
+    """``gedi.prior_target`` as a (K,) tensor, checked: K positive values summing to 1 (to 1e-3;
+    then renormalised exactly). None stays None (a uniform prior)."""
+    if values is None:
+        return None
+    total = sum(values)
+    if (k is not None and len(values) != k) or min(values) <= 0.0 or abs(total - 1.0) > 1e-3:
+        raise ConfigError(
+            f"gedi.prior_target = {values}: it must hold K = {k} values > 0 that sum to 1 (they "
+            f"sum to {total:.4g}); give the target marginal of the clusters, or null for uniform"
+        )
+    target = torch.tensor(values, dtype=torch.float64)
+    return (target / target.sum()).to(device=device, dtype=torch.float32)
+
+
 class GediObjective:
     """Computes the GEDI loss parts for a batch of images.
 
@@ -74,6 +91,7 @@ class GediObjective:
     ) -> None:
         self.net, self.gedi, self.sgld, self.augment = net, gedi, sgld, augment
         self.weights = gedi_weights(gedi)
+        self.prior_target = prior_target(gedi.prior_target, getattr(net, "k", None), device)
         self.generator = torch.Generator(device=device).manual_seed(seed + 1)
         self.buffer = None
         if self.weights.gen != 0.0 or self.weights.energy_reg != 0.0:
@@ -136,7 +154,7 @@ class GediObjective:
             if w.inv != 0.0:
                 inv = invariance_loss(za, zb, symmetric=self.gedi.symmetric_inv)
             if w.prior != 0.0:
-                prior = prior_loss(za)
+                prior = prior_loss(za, self.prior_target)
             if w.swav != 0.0:
                 swav = swav_loss(
                     za * self.net.tau,

@@ -150,3 +150,23 @@ def test_swav_joint_method_and_gedi_only_steps(tmp_path, capsys):
     off = ["gedi.w_gen=0", "gedi.w_inv=0", "gedi.w_prior=0", "optim.gedi_only_steps=5"]
     assert _train_tiny_half(tmp_path, "half_bad", 2, 7, *off) == 2
     assert "optim.gedi_only_steps = 5: it must be >= 0, and > 0 only" in capsys.readouterr().err
+
+
+@needs_data
+def test_four_digit_addition_trains_with_the_column_chain(tmp_path):
+    sets = [f"out_dir={tmp_path}", f"logic.cache_dir={tmp_path / 'cc'}", "task.n_train=8",
+            "task.n_val=4", "task.n_test=8", "model.width=4", "optim.epochs=1",
+            "optim.batch_size=4", "optim.log_every=1", "optim.eval_every=0"]  # fmt: skip
+    argv = ["train", str(ROOT / "configs/mnist_addition4.yaml"), "--no-progress"]
+    assert main(argv + [a for s in sets for a in ("--set", s)]) == 0
+    metrics = json.loads((tmp_path / "mnist_addition4/metrics.json").read_text())
+    assert (metrics["task"], metrics["steps"], metrics["unprovable_train_queries"]) == (
+        "mnist_addition_n4",
+        2,
+        0,
+    )  # 8 four-digit sums, batch 4: every one provable
+    lines = (tmp_path / "mnist_addition4/log.jsonl").read_text().splitlines()
+    log = [json.loads(line) for line in lines]
+    # -log P(sum) of an untrained net: about -log(10^-4), far above 0 and finite
+    assert all(5.0 < row["logic"] < 30.0 for row in log)
+    assert 0.0 <= metrics["test_task_acc"] <= 1.0

@@ -241,3 +241,23 @@ def test_clean_view_puts_the_prior_on_the_images_the_logic_sees():
     plain = GediObjective(net, GediConfig(w_gen=0.0), SGLDConfig(), AugmentConfig(),
                           image_shape=(1, 28, 28), device=torch.device("cpu"), seed=0)  # fmt: skip
     assert plain(x).prior.item() != pytest.approx(parts.prior.item(), rel=1e-6)
+
+
+def test_prior_target_sets_the_marginal_l_prior_matches():
+    from gedi_nesy.config import GediConfig, SGLDConfig
+    from gedi_nesy.errors import ConfigError
+    from gedi_nesy.objective import GediObjective
+
+    torch.manual_seed(0)
+    net = GEDINet(5, width=4, feature_dim=16, proj_dim=8)
+    x = torch.rand(6, 1, 28, 28) * 2 - 1
+    target = [2 / 7, 1 / 7, 2 / 7, 1 / 7, 1 / 7]  # MNIST-Half's digit marginal
+    gedi = GediConfig(w_gen=0.0, w_inv=0.0, w_prior=1.0, clean_view=True, prior_target=target)
+    objective = GediObjective(net, gedi, SGLDConfig(), AugmentConfig(), image_shape=(1, 28, 28),
+                              device=torch.device("cpu"), seed=0)  # fmt: skip
+    expected = prior_loss(net(x), torch.tensor(target))
+    assert objective(x).prior.item() == pytest.approx(expected.item(), rel=1e-6)
+    for bad in ([0.5, 0.5], [0.3, 0.3, 0.3, 0.3, 0.3], [1.0, 0.0, 0.0, 0.0, 0.0]):
+        with pytest.raises(ConfigError, match=r"gedi.prior_target = .* K = 5 values > 0"):
+            GediObjective(net, GediConfig(prior_target=bad), SGLDConfig(), AugmentConfig(),
+                          image_shape=(1, 28, 28), device=torch.device("cpu"), seed=0)  # fmt: skip

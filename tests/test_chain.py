@@ -1,0 +1,146 @@
+"""The column-chain engine (gedi_nesy/chain.py): the same probabilities, gradients and answers as
+the program's own add/3 compiled in number form, hand-computed values, and its refusals.
+
+Fixed table (tests/conftest.py): image 0 is digit 1 (0.4) or 2 (0.6); image 1 is 3 or 4 (0.5
+each); image 2 is 0 (0.1) or 9 (0.9); image 3 is 7 (1.0); images 4-7 are dense.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from problog.logic import Constant, Term, list2term
+
+from gedi_nesy.bridge import ProbabilityTable
+from gedi_nesy.chain import ColumnChainLogic, chain_probs, sum_distribution
+from gedi_nesy.compiled import CompiledLogic
+from gedi_nesy.errors import DataError, ProgramError
+
+PROGRAMS = Path(__file__).resolve().parents[1] / "programs"
+MULTI = (PROGRAMS / "multi_addition.pl").read_text()
+
+
+def img(i: int) -> Term:
+    return Term("tensor", Term("img", Constant(i)))
+
+
+def add(a: list[int], b: list[int], s: int | str) -> Term:
+    """``add([img(a1), ...], [img(b1), ...], s)``, most significant digit first (s a variable
+    name when a string)."""
+    total = Term(s) if isinstance(s, str) else Constant(s)
+    return Term("add", list2term([img(i) for i in a]), list2term([img(i) for i in b]), total)
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory) -> tuple[ColumnChainLogic, CompiledLogic]:
+    """(the chain, the compiled number form) over programs/multi_addition.pl, one cache."""
+    cache = tmp_path_factory.mktemp("chain_circuits")
+    compiled = CompiledLogic(MULTI, {"digit_net": 10}, cache_dir=cache)
+    return ColumnChainLogic(compiled), compiled
+
+
+def dense_table(n_images: int, seed: int) -> tuple[torch.Tensor, dict[str, ProbabilityTable]]:
+    gen = torch.Generator().manual_seed(seed)
+    logits = 2.0 * torch.randn(n_images, 10, generator=gen, dtype=torch.float64)  # (n, 10)
+    probs = torch.softmax(logits, -1).requires_grad_()
+    return probs, {"digit_net": ProbabilityTable([img(i) for i in range(n_images)], probs)}
+
+
+def test_chain_and_sum_distribution_by_hand():
+    # one query, 2 columns; column 0 writes its digit with carry 0 (0.3) or 1 (0.7) from carry 0
+    cols = torch.zeros(1, 2, 2, 2, dtype=torch.float64)
+    cols[0, 0, 0] = torch.tensor([0.3, 0.7])  # M_0[0, :]
+    cols[0, 1] = torch.tensor([[0.5, 0.1], [0.2, 0.6]])  # M_1[c, c']
+    assert chain_probs(cols, torch.tensor([0])).item() == pytest.approx(0.3 * 0.5 + 0.7 * 0.2)
+    assert chain_probs(cols, torch.tensor([1])).item() == pytest.approx(0.3 * 0.1 + 0.7 * 0.6)
+    # base 2, one column: T[c, d, c'] with carry 0 in: P(S = d + 2 c')
+    cells = torch.zeros(1, 1, 2, 2, 2, dtype=torch.float64)
+    cells[0, 0, 0] = torch.tensor([[0.1, 0.2], [0.3, 0.4]])  # [d, c']
+    assert sum_distribution(cells)[0].tolist() == pytest.approx([0.1, 0.3, 0.2, 0.4])
+
+
+def test_hand_computed_two_digit_sums(engines, digit_table):
+    chain, _ = engines
+    queries = [
+        add([0, 2], [1, 3], 57),  # p = 0.05 = P(d2=0) * P(d0+d1=5) = 0.1*0.5
+        add([0, 2], [1, 3], 66),  # p = 0.45 = P(d2=9) * P(d0+d1=5) = 0.9*0.5 (carry 1)
+        add([0, 2], [1, 3], 76),  # p = 0.27 = P(d2=9) * P(d0+d1=6) = 0.9*0.3
+        add([0, 2], [1, 3], 68),  # p = 0.0: the last digit is 7 (d2=0) or 6 (d2=9)
+        add([0, 2], [1, 3], 200),  # p = 0.0 and no proof: above 2 * 10^2 - 1
+    ]
+    result = chain.query_probs(queries, digit_table)
+    assert result.probs.tolist() == pytest.approx([0.05, 0.45, 0.27, 0.0, 0.0], abs=1e-12)
+    assert result.provable.tolist() == [True, True, True, True, False]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_equals_the_program_in_number_form(engines, n):
+    chain, compiled = engines
+    probs, tables = dense_table(4 * n, seed=n)
+    a, b, c = list(range(n)), list(range(n, 2 * n)), list(range(2 * n, 3 * n))
+    top = 2 * 10**n
+    sums = [0, 5, 10**n - 1, 10**n, top - 2, top - 1, top + 3]
+    queries = [add(a, b, s) for s in sums] + [add(c, b, s) for s in (7, top // 3)]
+    ours, theirs = chain.query_probs(queries, tables), compiled.query_probs(queries, tables)
+    assert torch.allclose(ours.probs, theirs.probs, rtol=1e-9, atol=1e-15)
+    assert ours.provable.tolist() == theirs.provable.tolist()
+    assert ours.provable.tolist()[:7] == [True] * 5 + [False, False]  # top - 1: 9...9 + 9...9 + 1
+    weights = torch.arange(1.0, len(queries) + 1, dtype=torch.float64)  # (Q,) distinct weights
+    (g_ours,) = torch.autograd.grad((weights * ours.probs).sum(), probs)
+    (g_theirs,) = torch.autograd.grad((weights * theirs.probs).sum(), probs)
+    assert torch.allclose(g_ours, g_theirs, rtol=1e-9, atol=1e-14)
+    assert g_ours.abs().sum() > 0
+
+
+def test_answers_equal_the_chain_of_every_sum(engines):
+    # the chain's query_probs equals the program (test above); the open form must equal it on
+    # every sum, in the answer order of the domain
+    chain, _ = engines
+    _, tables = dense_table(8, seed=5)
+    pairs = [([0, 1], [2, 3]), ([4, 5], [6, 7])]
+    domain = list(range(200))
+    dist = chain.answer_probs([add(a, b, "S") for a, b in pairs], domain, tables)
+    for q, (a, b) in enumerate(pairs):
+        each = chain.query_probs([add(a, b, s) for s in domain], tables).probs  # (200,)
+        assert torch.allclose(dist.probs[q], each, rtol=1e-12, atol=1e-16)
+    assert dist.probs.sum(1).tolist() == pytest.approx([1.0, 1.0], abs=1e-12)
+    best = chain.best_answers([add(a, b, "S") for a, b in pairs], tables)
+    assert best == [Constant(int(row.argmax())) for row in dist.probs]
+    with pytest.raises(DataError, match="not in the answer domain"):
+        chain.answer_probs([add([0, 1], [2, 3], "S")], list(range(150)), tables)
+
+
+def test_best_answer_of_one_hot_four_digit_numbers(engines):
+    chain, _ = engines
+    digits = [1, 9, 9, 5, 8, 0, 4, 7]  # 1995 + 8047 = 10042
+    probs = torch.nn.functional.one_hot(torch.tensor(digits), 10).double()  # (8, 10)
+    tables = {"digit_net": ProbabilityTable([img(i) for i in range(8)], probs)}
+    query = add([0, 1, 2, 3], [4, 5, 6, 7], 10042)
+    assert chain.best_answers([query], tables) == [Constant(10042)]
+    assert chain.query_probs([query], tables).probs.tolist() == [1.0]  # p = 1: every digit sure
+    assert chain.query_probs([add([0, 1, 2, 3], [4, 5, 6, 7], 10043)], tables).probs.tolist() == [
+        0.0
+    ]  # p = 0: the last digit is 2
+
+
+def test_refuses_other_queries_and_mixed_lengths(engines, digit_table):
+    chain, _ = engines
+    with pytest.raises(DataError, match=r"is not add\(As, Bs, S\)"):
+        chain.query_probs([Term("digit", img(0), Constant(1))], digit_table)
+    with pytest.raises(DataError, match=r"queries with \[1, 2\] digits in one call"):
+        chain.query_probs([add([0], [1], 4), add([0, 2], [1, 3], 57)], digit_table)
+    with pytest.raises(DataError, match="must be non-empty lists of the same length"):
+        chain.query_probs([add([0, 2], [1], 4)], digit_table)
+    with pytest.raises(DataError, match="needs an integer sum"):
+        chain.query_probs([add([0], [1], "S")], digit_table)
+
+
+def test_refuses_a_program_whose_add_is_not_the_carry_chain(tmp_path):
+    # add/3 drops the carry: not column addition, so the chain would be wrong for it
+    no_carry = MULTI.replace("check_columns(As, Bs, Cout, Rest)", "check_columns(As, Bs, 0, Rest)")
+    assert no_carry != MULTI
+    compiled = CompiledLogic(no_carry, {"digit_net": 10}, cache_dir=tmp_path)
+    with pytest.raises(ProgramError, match="add/3 is not the carry chain of column/5"):
+        ColumnChainLogic(compiled)
