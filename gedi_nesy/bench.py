@@ -50,6 +50,7 @@ DEFAULT_COLUMNS = {
     "nmi_c": "NMI(C)",
     "f1_c_macro": "F1(C) macro",
     "collapse_hard": "Cls hard",
+    "train_min_usage_c": "min usage (train, no labels)",
     "ood_task_acc": "OOD Acc(Y)",
     "ood_acc_c": "OOD raw Acc(C)",
     "train_seconds": "train s",

@@ -20,7 +20,7 @@ from gedi_nesy.compiled import CompiledLogic
 from gedi_nesy.config import LogicConfig, NesyRunConfig, to_dict
 from gedi_nesy.errors import ConfigError
 from gedi_nesy.loop import StepLog, batch_indices
-from gedi_nesy.metrics import concept_report, confusion_matrix
+from gedi_nesy.metrics import cluster_usage, concept_report, confusion_matrix
 from gedi_nesy.plots import save_confusion_png
 from gedi_nesy.runtime import (
     atomic_write_json,
@@ -190,8 +190,30 @@ def _validate(trainer: JointTrainer, task: TaskData, state: _FitState, patience:
     return acc
 
 
+def training_usage(trainer: JointTrainer, task: TaskData) -> dict[str, Any]:
+    """Label-free: how often each network predicts each value on the training queries' images.
+
+    A concept value that is (almost) never predicted is the mark of a non-injective concept map,
+    which is a reasoning shortcut unless the data lack that concept; no label is read.
+
+    Returns:
+        ``train_usage_c`` (K fractions) and ``train_min_usage_c`` (K times the smallest), per
+        network (prefixed ``NAME.`` when the task has several).
+    """
+    keys = tensor_keys(task.train)
+    images = trainer.images(keys).cpu()  # (n, C, H, W): each training image once
+    metrics: dict[str, Any] = {}
+    for name, k in task.networks.items():
+        usage = cluster_usage(trainer.concept_probs(name, images).argmax(-1).numpy(), k)  # (K,)
+        key = "" if len(task.networks) == 1 else f"{name}."
+        metrics[f"{key}train_usage_c"] = usage.round(6).tolist()
+        metrics[f"{key}train_min_usage_c"] = round(float(k * usage.min()), 6)
+    return metrics
+
+
 def evaluate(trainer: JointTrainer, task: TaskData, run_dir: Path) -> dict[str, Any]:
-    """Test task accuracy and concept metrics of every network, in and out of distribution."""
+    """Test task accuracy and concept metrics of every network, in and out of distribution,
+    and the label-free usage of each concept value on the training images."""
     metrics: dict[str, Any] = {"test_task_acc": trainer.task_accuracy(task.test)}
     metrics.update(_concepts(trainer, task, task.concept_images, task.concept_labels, run_dir, ""))
     if task.ood_test:
@@ -201,6 +223,7 @@ def evaluate(trainer: JointTrainer, task: TaskData, run_dir: Path) -> dict[str, 
             _concepts(trainer, task, task.ood_concept_images, task.ood_concept_labels, run_dir,
                       "ood_")
         )  # fmt: skip
+    metrics.update(training_usage(trainer, task))
     return metrics
 
 

@@ -144,3 +144,19 @@ def test_refuses_a_program_whose_add_is_not_the_carry_chain(tmp_path):
     compiled = CompiledLogic(no_carry, {"digit_net": 10}, cache_dir=tmp_path)
     with pytest.raises(ProgramError, match="add/3 is not the carry chain of column/5"):
         ColumnChainLogic(compiled)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(engines):
+    chain, _ = engines
+    probs, tables = dense_table(8, seed=7)
+    leaf = probs.detach().cuda().requires_grad_()  # (8, 10) on the GPU
+    gpu_tables = {"digit_net": ProbabilityTable(tables["digit_net"].keys, leaf)}
+    queries = [add([0, 1], [2, 3], 57), add([4, 5], [6, 7], 120)]
+    gpu, cpu = chain.query_probs(queries, gpu_tables), chain.query_probs(queries, tables)
+    assert gpu.probs.device.type == "cuda"
+    assert torch.allclose(gpu.probs.cpu(), cpu.probs, rtol=1e-9, atol=1e-15)
+    gpu.probs.sum().backward()
+    (expected,) = torch.autograd.grad(cpu.probs.sum(), probs)
+    assert torch.allclose(leaf.grad.cpu(), expected, rtol=1e-9, atol=1e-14)
+    assert chain.best_answers(queries, gpu_tables) == chain.best_answers(queries, tables)

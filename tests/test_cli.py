@@ -114,6 +114,9 @@ def test_train_prints_the_shortcut_audit_and_trains_a_shortcut_task(tmp_path, ca
     assert metrics["steps"] == 2  # 7 worlds x 2 = 14 training sums, batch 7
     assert 0.0 <= metrics["ood_task_acc"] <= 1.0 and 0.0 <= metrics["ood_acc_c"] <= 1.0
     assert (tmp_path / "half/ood_confusion_digit_net.png").is_file()
+    usage = metrics["train_usage_c"]  # label-free: predicted-value shares on the training images
+    assert len(usage) == 5 and sum(usage) == pytest.approx(1.0, abs=1e-5)
+    assert metrics["train_min_usage_c"] == pytest.approx(5 * min(usage), abs=1e-5)
 
 
 @needs_data

@@ -148,6 +148,16 @@ def test_task_accuracy_with_a_perfect_concept_network():
     assert trainer.task_accuracy(right) == 1.0
     assert trainer.task_accuracy(right + wrong) == pytest.approx(3 / 5)
 
+    # label-free usage on the training images 0-5 (digits 3 5 0 9 7 1): six values once each
+    from gedi_nesy.task import TaskData
+
+    task = TaskData("t", ADDITION, {"digit_net": 10}, {"img": images}, right, [], [], "img",
+                    labels)  # fmt: skip
+    usage = experiment.training_usage(trainer, task)
+    expected = [1 / 6 if d in (3, 5, 0, 9, 7, 1) else 0.0 for d in range(10)]
+    assert usage["train_usage_c"] == pytest.approx(expected, abs=1e-6)
+    assert usage["train_min_usage_c"] == 0.0  # digits 2, 4, 6, 8 never predicted
+
 
 needs_data = pytest.mark.skipif(
     not os.environ.get("GEDI_NESY_DATA"), reason="set GEDI_NESY_DATA to the raw MNIST folder"
