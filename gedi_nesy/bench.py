@@ -7,6 +7,12 @@ finished when its ``metrics.json`` exists (written atomically at the end of the 
 skips finished trials and resumes interrupted ones from their checkpoints: a killed bench loses at
 most the steps since the last checkpoint of the trials in flight.
 
+With ``restarts: R`` > 1 each (method, size, seed) trains R times, restart r setting
+``restart_key`` (default ``optim.seed``: the model, not the data) to ``seed + 1000 r``, and the
+report keeps, per seed, the restart with the highest ``select_by`` metric: by default
+``train_min_usage_c``, which reads no label (see ``docs/metrics.md``). The summary gives the
+selected restarts and, below, every restart as its own run.
+
 When the trials are done, the bench writes next to them:
 
 - ``results.csv``: one row per trial, every scalar metric of its ``metrics.json``;
@@ -75,20 +81,29 @@ class BenchConfig:
     size_key: str | None = None  # dotted key of the data-size axis, e.g. task.n_train
     sizes: list[int] = field(default_factory=list)  # its values; empty: base's own size
     columns: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_COLUMNS))
+    restarts: int = 1  # runs per (method, size, seed); the report keeps one, by select_by
+    restart_key: str = "optim.seed"  # restart r sets it to seed + RESTART_STRIDE * r
+    select_by: str = "train_min_usage_c"  # metric maximised to pick a restart (no labels)
+
+
+RESTART_STRIDE = 1000
 
 
 @dataclass(frozen=True)
 class Trial:
-    """One run of the bench: a method at a data size (None: the base's) with a seed."""
+    """One run of the bench: a method at a data size (None: the base's) with a seed, and which
+    restart of it (0 unless the bench has ``restarts`` > 1)."""
 
     method: str
     size: int | None
     seed: int
+    restart: int = 0
 
     @property
     def name(self) -> str:
         size = "" if self.size is None else f"-n{self.size}"
-        return f"{self.method}{size}-s{self.seed}"
+        restart = "" if self.restart == 0 else f"-r{self.restart}"
+        return f"{self.method}{size}-s{self.seed}{restart}"
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -119,6 +134,8 @@ def trial_config(cfg: BenchConfig, trial: Trial) -> dict[str, Any]:
         set_dotted(raw, key, copy.deepcopy(value))
     for key in cfg.seed_keys:
         set_dotted(raw, key, trial.seed)
+    if trial.restart > 0:
+        set_dotted(raw, cfg.restart_key, trial.seed + RESTART_STRIDE * trial.restart)
     if trial.size is not None:
         assert cfg.size_key is not None
         set_dotted(raw, cfg.size_key, trial.size)
@@ -154,8 +171,16 @@ def trials(cfg: BenchConfig) -> list[Trial]:
                 f"bench method {method!r} = {overrides!r}: a method is a name without '/' and "
                 "a mapping of overrides, e.g. dpl: {gedi.w_inv: 0}"
             )
+    if cfg.restarts < 1:
+        raise ConfigError(f"bench restarts = {cfg.restarts}; give 1 (no restarts) or more")
     sizes: list[int | None] = list(cfg.sizes) or [None]
-    out = [Trial(m, n, s) for m in cfg.methods for n in sizes for s in cfg.seeds]
+    out = [
+        Trial(m, n, s, r)
+        for m in cfg.methods
+        for n in sizes
+        for s in cfg.seeds
+        for r in range(cfg.restarts)
+    ]
     for trial in out:
         try:
             from_dict(NesyRunConfig, trial_config(cfg, trial))
@@ -287,6 +312,27 @@ def load_results(cfg: BenchConfig) -> list[tuple[Trial, dict[str, Any]]]:
     ]
 
 
+def select_restarts(
+    rows: Sequence[tuple[Trial, dict[str, Any]]], select_by: str
+) -> list[tuple[Trial, dict[str, Any]]]:
+    """Per (method, size, seed), the finished restart with the highest ``select_by`` value (the
+    first restart on a tie; restarts without the metric come last), in run order."""
+    best: dict[tuple[str, int | None, int], tuple[Trial, dict[str, Any]]] = {}
+    for trial, metrics in rows:
+        key = (trial.method, trial.size, trial.seed)
+        value = metrics.get(select_by)
+        score = float(value) if isinstance(value, int | float) else -math.inf
+        kept = best.get(key)
+        if kept is None:
+            best[key] = (trial, metrics)
+            continue
+        kept_value = kept[1].get(select_by)
+        kept_score = float(kept_value) if isinstance(kept_value, int | float) else -math.inf
+        if score > kept_score:
+            best[key] = (trial, metrics)
+    return list(best.values())
+
+
 def _cell(value: Any) -> Any:
     if isinstance(value, list):
         return " ".join(str(v) for v in value)
@@ -298,11 +344,11 @@ def results_csv(rows: Sequence[tuple[Trial, dict[str, Any]]]) -> str:
     keys = sorted({k for _, m in rows for k, v in m.items() if not isinstance(v, dict)})
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["trial", "method", "size", "seed", *keys])
+    writer.writerow(["trial", "method", "size", "seed", "restart", *keys])
     for trial, metrics in rows:
         size = "" if trial.size is None else trial.size
         cells = [_cell(metrics.get(k, "")) for k in keys]
-        writer.writerow([trial.name, trial.method, size, trial.seed, *cells])
+        writer.writerow([trial.name, trial.method, size, trial.seed, trial.restart, *cells])
     return buf.getvalue()
 
 
@@ -417,9 +463,21 @@ def write_report(cfg: BenchConfig, audit: Mapping[str, Any] | None = None) -> st
             f"Shortcut audit: {audit['n_maps']} deterministic concept maps fit the training "
             f"data, {audit['n_bijections']} of them bijections (`audit.json`).\n"
         )
-    text.append(summary_table(rows, cfg.columns) if rows else "No trial has finished yet.\n")
-    pictures = _confusions(cfg, rows)
-    plot = _size_plot(cfg, rows)
+    if not rows:
+        text.append("No trial has finished yet.\n")
+    elif cfg.restarts == 1:
+        text.append(summary_table(rows, cfg.columns))
+    else:
+        text.append(
+            f"{cfg.restarts} restarts per seed ({cfg.restart_key} = seed + {RESTART_STRIDE} r); "
+            f"per seed the restart with the highest `{cfg.select_by}` is kept:\n"
+        )
+        text.append(summary_table(select_restarts(rows, cfg.select_by), cfg.columns))
+        text.append("Every restart as its own run (no selection):\n")
+        text.append(summary_table(rows, cfg.columns))
+    kept = rows if cfg.restarts == 1 else select_restarts(rows, cfg.select_by)
+    pictures = _confusions(cfg, kept)
+    plot = _size_plot(cfg, kept)
     if plot is not None:
         pictures.insert(0, plot)
     if pictures:

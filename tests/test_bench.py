@@ -14,6 +14,7 @@ from gedi_nesy.bench import (
     Trial,
     mean_std,
     results_csv,
+    select_restarts,
     summary_table,
     trial_config,
     trials,
@@ -78,6 +79,32 @@ def test_bad_bench_configs_are_refused_before_any_trial_runs(tmp_path, change, m
         trials(_cfg(tmp_path, **change))
 
 
+def test_restarts_vary_the_model_seed_and_keep_the_data_seed(tmp_path):
+    cfg = _cfg(tmp_path, restarts=3, methods={"dpl": {}})
+    assert [t.name for t in trials(cfg)] == ["dpl-s3", "dpl-s3-r1", "dpl-s3-r2", "dpl-s4",
+                                             "dpl-s4-r1", "dpl-s4-r2"]  # fmt: skip
+    raw = trial_config(cfg, Trial("dpl", None, 4, 2))
+    assert (raw["task"]["seed"], raw["optim"]["seed"]) == (4, 2004)  # seed + 1000 r
+    assert trial_config(cfg, Trial("dpl", None, 4, 0))["optim"]["seed"] == 4
+    with pytest.raises(ConfigError, match="bench restarts = 0; give 1"):
+        trials(_cfg(tmp_path, restarts=0))
+    with pytest.raises(ConfigError, match="unknown config key 'optim.sed'"):
+        trials(_cfg(tmp_path, restarts=2, restart_key="optim.sed"))
+
+
+def test_select_restarts_keeps_the_highest_label_free_score_per_seed():
+    rows = [
+        (Trial("m", None, 0, 0), {"u": 0.01, "acc_c": 0.43}),  # a shortcut: a value unused
+        (Trial("m", None, 0, 1), {"u": 0.71, "acc_c": 0.99}),
+        (Trial("m", None, 0, 2), {"u": 0.71, "acc_c": 0.98}),  # a tie: the earlier restart stays
+        (Trial("m", None, 1, 0), {"acc_c": 0.5}),  # no score: loses to any score
+        (Trial("m", None, 1, 1), {"u": 0.0, "acc_c": 0.42}),
+        (Trial("m", None, 2, 0), {"acc_c": 0.7}),  # the only restart of seed 2: kept
+    ]
+    kept = select_restarts(rows, "u")
+    assert [t.name for t, _ in kept] == ["m-s0-r1", "m-s1-r1", "m-s2"]
+
+
 def test_mean_std_is_the_sample_std():
     assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2**0.5))
     assert mean_std([0.5]) == (0.5, 0.0)
@@ -108,9 +135,9 @@ def test_summary_table_gives_mean_std_rs_rate_and_maps():
 
 def test_results_csv_has_one_row_per_trial_and_skips_nested_values():
     rows = list(csv.reader(io.StringIO(results_csv(ROWS))))
-    assert rows[0] == ["trial", "method", "size", "seed", "acc_c", "acc_c_per_class",
+    assert rows[0] == ["trial", "method", "size", "seed", "restart", "acc_c", "acc_c_per_class",
                        "concept_map", "test_task_acc"]  # fmt: skip
-    assert rows[1] == ["dpl-s0", "dpl", "", "0", "0.4", "1.0 0.0", "0 1 3 2 3", "0.98"]
+    assert rows[1] == ["dpl-s0", "dpl", "", "0", "0", "0.4", "1.0 0.0", "0 1 3 2 3", "0.98"]
     assert len(rows) == 5
 
 
@@ -131,6 +158,23 @@ def test_report_sums_confusions_over_seeds_and_plots_accuracy_against_size(tmp_p
         assert (tmp_path / "b" / name).is_file(), name
     assert not (tmp_path / "b" / "confusion_gedi_n20.png").exists()
     assert "| dpl | 20 | 2 | 1.000 ± 0.000 | 0.900 ± 0.000 |" in summary
+
+
+def test_report_with_restarts_gives_the_selected_and_every_restart(tmp_path):
+    cfg = _cfg(tmp_path, restarts=2, methods={"gedi": {}})
+    usage = {"gedi-s3": 0.0, "gedi-s3-r1": 0.7, "gedi-s4": 0.6, "gedi-s4-r1": 0.2}
+    for t in trials(cfg):
+        folder = tmp_path / "b" / "trials" / t.name
+        folder.mkdir(parents=True)
+        acc = 0.43 if usage[t.name] < 0.5 else 0.99
+        m = {"test_task_acc": 0.98, "acc_c": acc, "train_min_usage_c": usage[t.name]}
+        (folder / "metrics.json").write_text(json.dumps(m))
+    cfg.columns = {"acc_c": "raw Acc(C)"}
+    summary = write_report(cfg)
+    selected, every = summary.split("Every restart as its own run")
+    assert "2 restarts per seed (optim.seed = seed + 1000 r)" in selected
+    assert "| gedi | 2 | 0.990 ± 0.000 | 0.00 |" in selected  # s3-r1 and s4 kept
+    assert "| gedi | 4 | 0.710 ± 0.323 | 0.50 |" in every
 
 
 def _tiny_bench(tmp_path, methods: str) -> str:
