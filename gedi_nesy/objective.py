@@ -56,7 +56,8 @@ def prior_target(
     if values is None:
         return None
     total = sum(values)
-    if (k is not None and len(values) != k) or min(values) <= 0.0 or abs(total - 1.0) > 1e-3:
+    wrong_size = not values or (k is not None and len(values) != k)
+    if wrong_size or min(values, default=0.0) <= 0.0 or abs(total - 1.0) > 1e-3:
         raise ConfigError(
             f"gedi.prior_target = {values}: it must hold K = {k} values > 0 that sum to 1 (they "
             f"sum to {total:.4g}); give the target marginal of the clusters, or null for uniform"

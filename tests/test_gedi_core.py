@@ -257,7 +257,7 @@ def test_prior_target_sets_the_marginal_l_prior_matches():
                               device=torch.device("cpu"), seed=0)  # fmt: skip
     expected = prior_loss(net(x), torch.tensor(target))
     assert objective(x).prior.item() == pytest.approx(expected.item(), rel=1e-6)
-    for bad in ([0.5, 0.5], [0.3, 0.3, 0.3, 0.3, 0.3], [1.0, 0.0, 0.0, 0.0, 0.0]):
+    for bad in ([], [0.5, 0.5], [0.3, 0.3, 0.3, 0.3, 0.3], [1.0, 0.0, 0.0, 0.0, 0.0]):
         with pytest.raises(ConfigError, match=r"gedi.prior_target = .* K = 5 values > 0"):
             GediObjective(net, GediConfig(prior_target=bad), SGLDConfig(), AugmentConfig(),
                           image_shape=(1, 28, 28), device=torch.device("cpu"), seed=0)  # fmt: skip
