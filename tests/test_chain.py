@@ -144,6 +144,9 @@ def test_refuses_a_program_whose_add_is_not_the_carry_chain(tmp_path):
     compiled = CompiledLogic(no_carry, {"digit_net": 10}, cache_dir=tmp_path)
     with pytest.raises(ProgramError, match="add/3 is not the carry chain of column/5"):
         ColumnChainLogic(compiled)
+    single = CompiledLogic(PROGRAMS / "addition.pl", {"digit_net": 10}, cache_dir=tmp_path)
+    with pytest.raises(ProgramError, match="cannot evaluate add/3 as a chain of column/5"):
+        ColumnChainLogic(single)  # no column/5 (and no add/3) in the one-digit program
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
