@@ -312,6 +312,14 @@ def load_results(cfg: BenchConfig) -> list[tuple[Trial, dict[str, Any]]]:
     ]
 
 
+def _score(metrics: Mapping[str, Any], key: str) -> float:
+    """``metrics[key]`` as a float; -inf when it is missing, not a number, or NaN."""
+    value = metrics.get(key)
+    if not isinstance(value, int | float) or math.isnan(value):
+        return -math.inf
+    return float(value)
+
+
 def select_restarts(
     rows: Sequence[tuple[Trial, dict[str, Any]]], select_by: str
 ) -> list[tuple[Trial, dict[str, Any]]]:
@@ -320,15 +328,7 @@ def select_restarts(
     best: dict[tuple[str, int | None, int], tuple[Trial, dict[str, Any]]] = {}
     for trial, metrics in rows:
         key = (trial.method, trial.size, trial.seed)
-        value = metrics.get(select_by)
-        score = float(value) if isinstance(value, int | float) else -math.inf
-        kept = best.get(key)
-        if kept is None:
-            best[key] = (trial, metrics)
-            continue
-        kept_value = kept[1].get(select_by)
-        kept_score = float(kept_value) if isinstance(kept_value, int | float) else -math.inf
-        if score > kept_score:
+        if key not in best or _score(metrics, select_by) > _score(best[key][1], select_by):
             best[key] = (trial, metrics)
     return list(best.values())
 

@@ -100,9 +100,11 @@ def test_select_restarts_keeps_the_highest_label_free_score_per_seed():
         (Trial("m", None, 1, 0), {"acc_c": 0.5}),  # no score: loses to any score
         (Trial("m", None, 1, 1), {"u": 0.0, "acc_c": 0.42}),
         (Trial("m", None, 2, 0), {"acc_c": 0.7}),  # the only restart of seed 2: kept
+        (Trial("m", None, 3, 0), {"u": float("nan")}),  # NaN counts as no score
+        (Trial("m", None, 3, 1), {"u": 0.1}),
     ]
     kept = select_restarts(rows, "u")
-    assert [t.name for t, _ in kept] == ["m-s0-r1", "m-s1-r1", "m-s2"]
+    assert [t.name for t, _ in kept] == ["m-s0-r1", "m-s1-r1", "m-s2", "m-s3-r1"]
 
 
 def test_mean_std_is_the_sample_std():
