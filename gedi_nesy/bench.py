@@ -463,6 +463,7 @@ def write_report(cfg: BenchConfig, audit: Mapping[str, Any] | None = None) -> st
             f"Shortcut audit: {audit['n_maps']} deterministic concept maps fit the training "
             f"data, {audit['n_bijections']} of them bijections (`audit.json`).\n"
         )
+    kept = rows if cfg.restarts == 1 else select_restarts(rows, cfg.select_by)
     if not rows:
         text.append("No trial has finished yet.\n")
     elif cfg.restarts == 1:
@@ -472,10 +473,9 @@ def write_report(cfg: BenchConfig, audit: Mapping[str, Any] | None = None) -> st
             f"{cfg.restarts} restarts per seed ({cfg.restart_key} = seed + {RESTART_STRIDE} r); "
             f"per seed the restart with the highest `{cfg.select_by}` is kept:\n"
         )
-        text.append(summary_table(select_restarts(rows, cfg.select_by), cfg.columns))
+        text.append(summary_table(kept, cfg.columns))
         text.append("Every restart as its own run (no selection):\n")
         text.append(summary_table(rows, cfg.columns))
-    kept = rows if cfg.restarts == 1 else select_restarts(rows, cfg.select_by)
     pictures = _confusions(cfg, kept)
     plot = _size_plot(cfg, kept)
     if plot is not None:
