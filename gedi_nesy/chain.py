@@ -18,7 +18,8 @@ sum) with 2 x base^N states per query (20,000 at N = 4).
 
 The chain is an assumption about the program, so the engine checks it when it is built: on a
 few two-digit queries with fixed random tables, the chain must equal the program's own
-``add/3`` (compiled number form) to 1e-9 in float64; otherwise it refuses the program.
+``add/3`` (compiled number form) to 1e-9 in float64; otherwise it refuses the program. A query
+that names one image in two columns is refused too (its columns would not be independent).
 """
 
 from __future__ import annotations
@@ -125,6 +126,14 @@ class ColumnChainLogic:
                 f"query {term}: As and Bs must be non-empty lists of the same length (digits, "
                 f"most significant first)"
             )
+        seen: dict[Term, int] = {}
+        for j, column in enumerate(zip(a[::-1], b[::-1])):
+            for image in set(column):
+                if seen.setdefault(image, j) != j:
+                    raise DataError(
+                        f"query {term} uses {image} in two columns; the chain needs each image "
+                        "in one column only (independent columns), use logic.engine: compiled"
+                    )
         s = term.args[2]
         if open_output:
             return a[::-1], b[::-1], None

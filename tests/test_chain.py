@@ -135,6 +135,12 @@ def test_refuses_other_queries_and_mixed_lengths(engines, digit_table):
         chain.query_probs([add([0, 2], [1], 4)], digit_table)
     with pytest.raises(DataError, match="needs an integer sum"):
         chain.query_probs([add([0], [1], "S")], digit_table)
+    with pytest.raises(DataError, match=r"uses tensor\(img\(0\)\) in two columns"):
+        chain.query_probs([add([0, 2], [1, 0], 57)], digit_table)
+    # one image twice in one column is fine: the column is compiled as the program says, one
+    # image one digit: 7d + 7d with d = 1 (0.4) or 2 (0.6), never 71 + 72
+    same = [add([3, 0], [3, 0], 144), add([3, 0], [3, 0], 143)]
+    assert chain.query_probs(same, digit_table).probs.tolist() == pytest.approx([0.6, 0.0])
 
 
 def test_refuses_a_program_whose_add_is_not_the_carry_chain(tmp_path):
