@@ -32,7 +32,7 @@ from deepproblog.query import Query
 from problog.logic import Constant, Term, list2term, term2list
 
 from gedi_nesy.bridge import ProbabilityTable, QueryProbs, answer_columns
-from gedi_nesy.compiled import CompiledLogic
+from gedi_nesy.compiled import CompiledLogic, query_term
 from gedi_nesy.errors import DataError, ProgramError
 
 __all__ = ["ColumnChainLogic", "chain_probs", "sum_distribution"]
@@ -111,7 +111,7 @@ class ColumnChainLogic:
         self, query: Query | Term, *, open_output: bool
     ) -> tuple[list[Term], list[Term], Any]:
         """(As least significant first, Bs likewise, the sum as an int or None if open)."""
-        term = query.substitute().query if isinstance(query, Query) else query
+        term = query_term(query)
         if term.functor != self.predicate or term.arity != 3:
             raise DataError(
                 f"query {term} is not {self.predicate}(As, Bs, S); logic.engine: column_chain "
@@ -241,7 +241,7 @@ class ColumnChainLogic:
         out = dist.new_zeros(len(queries), len(domain))
         for q, query in enumerate(queries):
             sums = proof[q].nonzero().flatten().tolist()
-            term = query.substitute().query if isinstance(query, Query) else query
+            term = query_term(query)
             cols = answer_columns(term, [Constant(s) for s in sums], column)
             out[q, cols] = dist[q, sums]
         return QueryProbs(out, proof.any(1).cpu())

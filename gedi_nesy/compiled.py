@@ -78,6 +78,7 @@ __all__ = [
     "compile_circuit",
     "default_cache_dir",
     "query_template",
+    "query_term",
 ]
 
 FORMAT_VERSION = 1  # bump when the stored arrays change meaning
@@ -1086,7 +1087,7 @@ class CompiledLogic:
         for q, (lay, _, _) in zip(queries, instances):
             if not lay.ground:
                 raise DataError(
-                    f"query {_query_term(q)} has free variables; query_probs needs ground "
+                    f"query {query_term(q)} has free variables; query_probs needs ground "
                     f"queries, use answer_probs or best_answers for an output variable"
                 )
         values, _ = self._evaluate(instances, tables)  # (Q,): one output per ground query
@@ -1150,7 +1151,7 @@ class CompiledLogic:
         values, offsets, answers = self._answers(queries, tables)
         targets = np.zeros(len(values), dtype=np.int64)  # flat (query, column) of each output
         for q, (o, found) in enumerate(zip(offsets, answers)):
-            columns = answer_columns(_query_term(queries[q]), found, column)
+            columns = answer_columns(query_term(queries[q]), found, column)
             targets[o : o + len(found)] = q * len(domain) + np.asarray(columns, dtype=np.int64)
         flat = values.new_zeros(len(queries) * len(domain))  # (Q * A,)
         flat = flat.index_copy(0, torch.from_numpy(targets).to(values.device), values)
@@ -1196,6 +1197,6 @@ class CompiledLogic:
         return {name: list(found) for name, found in keys.items()}
 
 
-def _query_term(query: Query | Term) -> Term:
-    """The query term, its substitution applied (for messages)."""
+def query_term(query: Query | Term) -> Term:
+    """The query term, its substitution applied."""
     return query.substitute().query if isinstance(query, Query) else query

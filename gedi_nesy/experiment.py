@@ -201,7 +201,7 @@ def training_usage(trainer: JointTrainer, task: TaskData) -> dict[str, Any]:
         network (prefixed ``NAME.`` when the task has several).
     """
     keys = tensor_keys(task.train)
-    images = trainer.images(keys).cpu()  # (n, C, H, W): each training image once
+    images = trainer.images(keys)  # (n, C, H, W): each training image once
     metrics: dict[str, Any] = {}
     for name, k in task.networks.items():
         usage = cluster_usage(trainer.concept_probs(name, images).argmax(-1).numpy(), k)  # (K,)
