@@ -208,7 +208,8 @@ def check_finished_configs(cfg: BenchConfig, all_trials: Sequence[Trial]) -> Non
         saved_path = trial_dir(cfg, trial) / "config.yaml"
         if not is_finished(cfg, trial) or not saved_path.is_file():
             continue
-        saved = yaml.safe_load(saved_path.read_text())
+        # settings added since the trial ran take their defaults, which keep earlier behaviour
+        saved = to_dict(from_dict(NesyRunConfig, yaml.safe_load(saved_path.read_text())))
         now = to_dict(from_dict(NesyRunConfig, trial_config(cfg, trial)))
         found = config_difference(saved, now)
         if found is not None:

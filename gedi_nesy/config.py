@@ -127,6 +127,12 @@ class NesyOptimConfig:
     patience: int = 0  # validations without improvement before stopping; 0: never stop early
     extra_images: int = 0  # unlabelled images added to each step's GEDI terms
     gedi_only_steps: int = 0  # first steps train the GEDI terms alone (logic loss weight 0)
+    # what the logic loss sees in training: the images, or a fresh random view of each (augment's
+    # ranges); evaluation always uses the images
+    logic_view: Literal["clean", "augmented"] = "clean"
+    # every this many steps after gedi_only_steps, rename the concept values by the permutation
+    # under which the program proves the most training queries (gedi_nesy.relabel); 0: never
+    relabel_every: int = 0
 
 
 @dataclass
@@ -146,6 +152,7 @@ class SupervisionConfig:
 
     labels_per_class: int = 0  # k images of each concept, from the training queries' images
     weight: float = 1.0  # weight of their cross-entropy in the joint loss
+    augment: bool = False  # a fresh random view of each labelled image per step (augment's ranges)
 
 
 @dataclass

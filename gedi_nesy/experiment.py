@@ -17,7 +17,7 @@ from tqdm import tqdm
 from gedi_nesy.bridge import LogicModel
 from gedi_nesy.chain import ColumnChainLogic
 from gedi_nesy.compiled import CompiledLogic
-from gedi_nesy.config import LogicConfig, NesyRunConfig, to_dict
+from gedi_nesy.config import LogicConfig, NesyOptimConfig, NesyRunConfig, from_dict, to_dict
 from gedi_nesy.errors import ConfigError
 from gedi_nesy.loop import StepLog, batch_indices
 from gedi_nesy.metrics import cluster_usage, concept_report, confusion_matrix
@@ -98,6 +98,7 @@ def build_trainer(cfg: NesyRunConfig, task: TaskData, device: torch.device) -> J
         total_steps=total_steps(cfg, len(task.train)),
         supervised=supervised_images(task, cfg.supervision.labels_per_class, cfg.optim.seed),
         supervision_weight=cfg.supervision.weight,
+        supervision_augment=cfg.supervision.augment,
     )  # fmt: skip
 
 
@@ -109,6 +110,16 @@ class _FitState:
         self.bad_evals = 0
         self.best_nets: dict[str, Any] | None = None
         self.stopped_early = False
+        self.relabels = 0  # relabellings that changed the names (optim.relabel_every)
+
+
+def _relabel_due(o: NesyOptimConfig, step: int, total: int) -> bool:
+    """Whether the loop relabels after this step: every ``relabel_every`` steps once the logic
+    loss is on, never after the last step (the run would end on an untrained labelling)."""
+    return (
+        o.relabel_every > 0 and step > o.gedi_only_steps and step < total
+        and (step - o.gedi_only_steps) % o.relabel_every == 0
+    )  # fmt: skip
 
 
 def _extra_images(trainer: JointTrainer, task: TaskData, n: int, step: int) -> torch.Tensor | None:
@@ -140,7 +151,8 @@ def fit(
     state, ckpt = _FitState(), run_dir / "checkpoint.pt"
     if resume:
         saved = load_checkpoint(ckpt)
-        check_resume_config(saved["config"], to_dict(cfg), ckpt)
+        # settings added since the checkpoint take their defaults, which keep earlier behaviour
+        check_resume_config(to_dict(from_dict(type(cfg), saved["config"])), to_dict(cfg), ckpt)
         trainer.load_state_dict(saved["trainer"])
         state.__dict__.update(saved["fit"])
         set_rng_state(saved["rng"])
@@ -153,12 +165,26 @@ def fit(
         values = trainer.train_step([task.train[i] for i in idx.tolist()], extra)
         rate = (trainer.step - first) * o.batch_size / (time.perf_counter() - start)
         bar.update(1)
+        if _relabel_due(o, trainer.step, total):
+            found = trainer.relabel(task.train)
+            values["relabel_proved_before"] = found.identity_value / found.total
+            values["relabel_proved_after"] = found.value / found.total
+            values["relabel_search_complete"] = int(found.complete)
+            if found.perm != tuple(range(len(found.perm))):
+                values["relabel_perm"] = list(found.perm)
+                state.relabels += 1
         if trainer.step % eval_every == 0 or trainer.step == total:
             values["val_task_acc"] = _validate(trainer, task, state, o.patience)
-        if trainer.step % o.log_every == 0 or trainer.step == total or "val_task_acc" in values:
+        if (
+            trainer.step % o.log_every == 0
+            or trainer.step == total
+            or "val_task_acc" in values
+            or "relabel_proved_after" in values
+        ):
             lr = trainer.scheduler.get_last_lr()[0]
             log.write({"step": trainer.step, "lr": lr, "queries_per_s": round(rate, 2), **values})
-            bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()} | {"q/s": f"{rate:.0f}"})
+            shown = {k: f"{v:.3g}" for k, v in values.items() if isinstance(v, int | float)}
+            bar.set_postfix(shown | {"q/s": f"{rate:.0f}"})
         if trainer.step % o.checkpoint_every == 0 or trainer.step == total or state.stopped_early:
             save_checkpoint(ckpt, {"trainer": trainer.state_dict(), "fit": vars(state),
                                    "rng": rng_state(), "config": to_dict(cfg)})  # fmt: skip
@@ -173,6 +199,7 @@ def fit(
         "queries_per_s": round((trainer.step - first) * o.batch_size / max(seconds, 1e-9), 2),
         "best_val_task_acc": state.best_val,
         "stopped_early": state.stopped_early,
+        "relabels": state.relabels,
     }
 
 

@@ -25,12 +25,14 @@ from deepproblog.query import Query
 from problog.logic import Term
 
 from gedi_nesy.augment import AugmentConfig
+from gedi_nesy.augment import augment as random_view
 from gedi_nesy.bridge import ProbabilityTable
 from gedi_nesy.config import GediConfig, NesyOptimConfig, SGLDConfig
 from gedi_nesy.errors import ConfigError
 from gedi_nesy.loop import check_finite, lr_factor
 from gedi_nesy.losses import GediLoss, active_parts, marginal_entropy_loss, weighted_total
 from gedi_nesy.objective import GediObjective
+from gedi_nesy.relabel import Relabelling, best_permutation
 
 LOGIC_EPS = 1e-12  # DeepProbLog's cross_entropy adds this inside the log
 
@@ -87,6 +89,8 @@ class JointTrainer:
         supervised: (images (m, C, H, W), concept labels (m,)) of the concept-supervision
             baseline, trained with cross-entropy in every step; needs exactly one network.
         supervision_weight: weight of that cross-entropy.
+        supervision_augment: train that cross-entropy on a fresh random view of each labelled
+            image per step (the ``augment`` ranges) instead of the images themselves.
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class JointTrainer:
         total_steps: int = 1,
         supervised: tuple[torch.Tensor, torch.Tensor] | None = None,
         supervision_weight: float = 1.0,
+        supervision_augment: bool = False,
     ) -> None:
         self.logic, self.sources, self.optim_cfg = logic, dict(sources), optim
         self.device, self.logic_device = device, torch.device(logic_device)
@@ -130,6 +135,9 @@ class JointTrainer:
                 f"{sorted(self.nets)}; set supervision.labels_per_class: 0"
             )
         self.supervised, self.supervision_weight = supervised, supervision_weight
+        self.augment_cfg, self.supervision_augment = augment, supervision_augment
+        # draws the random views of optim.logic_view and supervision_augment
+        self.view_generator = torch.Generator(device=device).manual_seed(optim.seed + 7)
         self.step = 0
         self.n_unprovable = 0  # training queries without a proof, summed over steps
         self.uses_gedi = any(w != 0.0 for w in next(iter(self.objectives.values())).weights)
@@ -137,6 +145,12 @@ class JointTrainer:
             raise ConfigError(
                 f"optim.gedi_only_steps = {optim.gedi_only_steps}: it must be >= 0, and > 0 only "
                 "with a GEDI weight > 0 (otherwise those steps train nothing); set it to 0"
+            )
+        if optim.relabel_every < 0 or (optim.relabel_every > 0 and not self._relabel_head()):
+            raise ConfigError(
+                f"optim.relabel_every = {optim.relabel_every}: it must be >= 0, and > 0 only with "
+                f"exactly one network that has an output layer `head` (a GEDINet; the program "
+                f"has {sorted(self.nets)}); set it to 0"
             )
         if self.uses_gedi and not all(hasattr(n, "tau") for n in self.nets.values()):
             raise ConfigError(
@@ -196,7 +210,10 @@ class JointTrainer:
         """
         keys = tensor_keys(queries)
         images = self.images(keys)  # (n, C, H, W)
-        tables, logits = self.forward_tables(keys, images)
+        seen = images
+        if self.optim_cfg.logic_view == "augmented":
+            seen = random_view(images, self.augment_cfg, self.view_generator)  # (n, C, H, W)
+        tables, logits = self.forward_tables(keys, seen)
         probs, provable = self.logic.query_probs(queries, tables)  # (Q,), (Q,)
         l_logic = logic_loss(probs, provable)
         values: dict[str, float] = {"logic": float(l_logic.detach())}
@@ -208,8 +225,11 @@ class JointTrainer:
             values["marginal_entropy"] = float(l_h.detach())
         if self.supervised is not None:
             x, y = self.supervised
+            x = x.to(self.device)
+            if self.supervision_augment:
+                x = random_view(x, self.augment_cfg, self.view_generator)  # (m, C, H, W)
             net = next(iter(self.nets.values()))
-            l_sup = F.cross_entropy(net(x.to(self.device)), y.to(self.device))  # (m, K) -> ()
+            l_sup = F.cross_entropy(net(x), y.to(self.device))  # (m, K) -> ()
             total = total + self.supervision_weight * l_sup
             values["concept_ce"] = float(l_sup.detach())
         if self.uses_gedi:
@@ -270,6 +290,68 @@ class JointTrainer:
         return sum(p == t for p, t in zip(predicted, truth)) / len(queries)
 
     @torch.no_grad()
+    def relabel(self, queries: Sequence[Query], max_nodes: int = 200_000) -> Relabelling:
+        """Rename the network's concept values by the permutation under which the program proves
+        the most of ``queries`` with the predicted (argmax) values; see :mod:`gedi_nesy.relabel`.
+
+        The permutation moves the rows of the network's output layer (``head``) and of their
+        optimiser state, so the network computes the same clusters under the new names. Needs
+        exactly one network with a ``head`` linear layer (a :class:`GEDINet`).
+
+        Returns:
+            The :class:`~gedi_nesy.relabel.Relabelling` (applied when ``perm`` is not the
+            identity; scores count queries).
+        """
+        head = self._relabel_head()
+        if head is None:
+            raise ConfigError(
+                f"relabelling needs exactly one network with an output layer `head` (a "
+                f"GEDINet); the program has {sorted(self.nets)}; set optim.relabel_every: 0"
+            )
+        name = next(iter(self.nets))
+        k = head.out_features
+        keys = tensor_keys(queries)
+        predicted = self.concept_probs(name, self.images(keys)).argmax(-1).tolist()  # (n,)
+        value_of = dict(zip(keys, predicted))
+        groups: dict[tuple[str, tuple[int, ...]], list] = {}  # (shape, values) -> [query, count]
+        for q in queries:
+            q_keys = tensor_keys([q])
+            shape = str(q.substitute().query)
+            for i, key in enumerate(q_keys):
+                shape = shape.replace(str(key), f"#{i}")
+            entry = groups.setdefault((shape, tuple(value_of[key] for key in q_keys)), [q, 0])
+            entry[1] += 1
+        listed = list(groups.values())
+
+        def score(g: int, mapped: tuple[int, ...]) -> float:
+            query = listed[g][0]
+            rows = torch.eye(k, device=self.logic_device)[list(mapped)]  # (P, K) one-hot
+            table = ProbabilityTable(tensor_keys([query]), rows)
+            probs, provable = self.logic.query_probs([query], {name: table})
+            return float(probs[0]) if bool(provable[0]) else 0.0
+
+        found = best_permutation(k, [(values, float(n)) for (_, values), (_, n) in groups.items()],
+                                 score, max_nodes=max_nodes)  # fmt: skip
+        if found.perm != tuple(range(k)):
+            self._permute_head(head, found.perm)
+        return found
+
+    def _relabel_head(self) -> nn.Linear | None:
+        """The output layer relabelling permutes: the ``head`` of the only network, or None."""
+        head = getattr(next(iter(self.nets.values())), "head", None)
+        return head if len(self.nets) == 1 and isinstance(head, nn.Linear) else None
+
+    def _permute_head(self, head: nn.Linear, perm: Sequence[int]) -> None:
+        """Output unit ``c`` becomes unit ``perm[c]``: rows of the weights, bias and Adam state."""
+        source = torch.empty(len(perm), dtype=torch.long)
+        source[torch.tensor(perm)] = torch.arange(len(perm))  # new row j <- old row source[j]
+        for param in head.parameters():
+            param.data.copy_(param.data[source.to(param.device)])
+            for value in self.optimizer.state.get(param, {}).values():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    value.copy_(value[source.to(value.device)])
+
+    @torch.no_grad()
     def concept_probs(self, name: str, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
         """``p(y|x)`` of network ``name`` on ``images`` (N, C, H, W) -> (N, K), on the CPU."""
         net = self.nets[name]
@@ -285,6 +367,7 @@ class JointTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "objectives": {name: o.state_dict() for name, o in self.objectives.items()},
+            "view_generator": self.view_generator.get_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -296,3 +379,5 @@ class JointTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         for name, objective in self.objectives.items():
             objective.load_state_dict(state["objectives"][name])
+        if "view_generator" in state:  # absent from checkpoints of earlier versions
+            self.view_generator.set_state(state["view_generator"])

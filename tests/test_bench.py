@@ -6,8 +6,10 @@ import csv
 import io
 import json
 import os
+from pathlib import Path
 
 import pytest
+import torch
 
 from gedi_nesy.bench import (
     BenchConfig,
@@ -21,9 +23,10 @@ from gedi_nesy.bench import (
     write_report,
 )
 from gedi_nesy.cli import main
-from gedi_nesy.config import from_dict
+from gedi_nesy.config import from_dict, load_config
 from gedi_nesy.errors import ConfigError
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 needs_data = pytest.mark.skipif(
     not os.environ.get("GEDI_NESY_DATA"), reason="set GEDI_NESY_DATA to the raw MNIST folder"
 )
@@ -216,9 +219,32 @@ def test_bench_runs_trials_in_parallel_skips_finished_ones_and_reports_failures(
     assert main(["bench", config, "--no-progress", "--set", "base.model.width=5"]) == 2
     err = capsys.readouterr().err
     assert "bench trial dpl-s0 finished with model.width = 4, the bench now says 5" in err
+    # a trial (and a checkpoint) from before a setting existed still counts: it had the default
+    saved = folder / "trials/dpl-s0/config.yaml"
+    saved.write_text(saved.read_text().replace("  relabel_every: 0\n", ""))
+    ckpt_path = folder / "trials/gedi-s1/checkpoint.pt"
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    del ckpt["config"]["optim"]["relabel_every"]
+    torch.save(ckpt, ckpt_path)
+    (folder / "trials/gedi-s1/metrics.json").unlink()
+    assert main(["bench", config, "--no-progress"]) == 0
+    assert (folder / "trials/dpl-s0/metrics.json").stat().st_mtime_ns == stamps[
+        folder / "trials/dpl-s0/metrics.json"
+    ]
+    resumed = json.loads((folder / "trials/gedi-s1/metrics.json").read_text())
+    assert resumed["acc_c"] == first["acc_c"]
     bad = _tiny_bench(tmp_path, "{dpl: {gedi.w_inv: 0, gedi.w_prior: 0}, "
                                 "sup: {supervision.labels_per_class: 100}}")  # fmt: skip
     assert main(["bench", bad, "--no-progress", "--set", "seeds=[0]"]) == 2
     err = capsys.readouterr().err
     assert "trial sup-s0 failed" in err and "lower labels_per_class" in err
     assert "1 of 2 trials failed" in err
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("bench_*.yaml")))
+def test_every_shipped_bench_config_gives_valid_trial_configs(name):
+    cfg = load_config(CONFIGS / name, BenchConfig)
+    planned = trials(cfg)  # raises if a trial config is one `gedi-nesy train` would refuse
+    assert len(planned) == len(cfg.methods) * len(cfg.seeds) * max(1, len(cfg.sizes)) * (
+        cfg.restarts
+    )

@@ -133,7 +133,23 @@ def test_concept_supervision_baseline_trains_on_k_labels_per_class(tmp_path):
     assert _train_tiny_half(tmp_path, "half_sup", 4, 14, "supervision.labels_per_class=1") == 0
     log = [json.loads(line) for line in (tmp_path / "half_sup/log.jsonl").read_text().splitlines()]
     assert all(row["concept_ce"] > 0 for row in log)
+    sets = ("supervision.labels_per_class=1", "supervision.augment=true")
+    assert _train_tiny_half(tmp_path, "half_sup_aug", 4, 14, *sets) == 0
     assert _train_tiny_half(tmp_path, "x", 4, 14, "supervision.labels_per_class=100") == 2
+
+
+@needs_data
+def test_relabelling_runs_in_the_loop_and_is_logged(tmp_path):
+    # 28 sums in batches of 7: 4 steps; relabelling after steps 1, 2 and 3, never after the last
+    assert _train_tiny_half(tmp_path, "half_rl", 4, 7, "optim.relabel_every=1") == 0
+    log = [json.loads(line) for line in (tmp_path / "half_rl/log.jsonl").read_text().splitlines()]
+    rows = [row for row in log if "relabel_proved_after" in row]
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    for row in rows:
+        assert 0.0 <= row["relabel_proved_before"] <= row["relabel_proved_after"] <= 1.0
+        assert row["relabel_search_complete"] == 1
+    metrics = json.loads((tmp_path / "half_rl/metrics.json").read_text())
+    assert metrics["relabels"] == sum("relabel_perm" in row for row in rows)
 
 
 @needs_data

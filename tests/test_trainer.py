@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from deepproblog.engines import ExactEngine
 from deepproblog.model import Model
 from deepproblog.network import Network
@@ -18,6 +19,7 @@ from problog.logic import Constant, Term
 
 import gedi_nesy.experiment as experiment
 from gedi_nesy.augment import AugmentConfig
+from gedi_nesy.augment import augment as random_view
 from gedi_nesy.bridge import LogicModel
 from gedi_nesy.cli import main
 from gedi_nesy.compiled import CompiledLogic
@@ -220,3 +222,54 @@ def test_marginal_entropy_baseline_joins_the_loss():
     assert 0.0 <= values["marginal_entropy"] <= 1.0
     assert values["total"] == pytest.approx(values["logic"] + 2.0 * values["marginal_entropy"])
     assert "inv" not in values  # the GEDI terms stay off
+
+
+def _supervised_trainer(images, augment: bool) -> JointTrainer:
+    return JointTrainer(
+        LogicModel(ADDITION, {"digit_net": 10}), {"digit_net": _small_net()}, {"img": images},
+        gedi=OFF, sgld=SGLDConfig(), augment=AugmentConfig(), optim=NesyOptimConfig(seed=3),
+        device=torch.device("cpu"), supervised=(images[:4], torch.tensor([3, 5, 0, 9])),
+        supervision_augment=augment,
+    )  # fmt: skip
+
+
+def test_concept_supervision_on_augmented_views_of_the_labelled_images():
+    images = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    labels = torch.tensor([3, 5, 0, 9])
+    plain = _supervised_trainer(images, augment=False)
+    _, values = plain.loss(_queries(QUERIES))
+    net = plain.nets["digit_net"]
+    expected_plain = F.cross_entropy(net(images[:4]), labels)
+    assert values["concept_ce"] == pytest.approx(float(expected_plain.detach()), rel=1e-6)
+
+    trainer = _supervised_trainer(images, augment=True)
+    _, values = trainer.loss(_queries(QUERIES))
+    views = random_view(images[:4], AugmentConfig(), torch.Generator().manual_seed(3 + 7))
+    expected = F.cross_entropy(trainer.nets["digit_net"](views), labels)  # same net weights
+    assert values["concept_ce"] == pytest.approx(float(expected.detach()), rel=1e-6)
+    assert values["concept_ce"] != pytest.approx(float(expected_plain.detach()))  # not the images
+
+    resumed = _supervised_trainer(images, augment=True)  # the views continue after a resume
+    resumed.load_state_dict(trainer.state_dict())
+    after_resume = resumed.loss(_queries(QUERIES))[1]["concept_ce"]
+    assert after_resume == trainer.loss(_queries(QUERIES))[1]["concept_ce"]
+
+
+def test_logic_view_augmented_feeds_the_logic_a_random_view_of_each_image():
+    images = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    queries = _queries(QUERIES)
+    trainer = JointTrainer(
+        CompiledLogic(ADDITION, {"digit_net": 10}), {"digit_net": _small_net()}, {"img": images},
+        gedi=OFF, sgld=SGLDConfig(), augment=AugmentConfig(),
+        optim=NesyOptimConfig(seed=2, logic_view="augmented"), device=torch.device("cpu"),
+    )  # fmt: skip
+    _, values = trainer.loss(queries)
+    keys = tensor_keys(queries)
+    seen = trainer.images(keys)
+    views = random_view(seen, AugmentConfig(), torch.Generator().manual_seed(2 + 7))
+    clean_tables, _ = trainer.forward_tables(keys, seen)
+    view_tables, _ = trainer.forward_tables(keys, views)
+    on_views = logic_loss(*trainer.logic.query_probs(queries, view_tables))
+    on_images = logic_loss(*trainer.logic.query_probs(queries, clean_tables))
+    assert values["logic"] == pytest.approx(float(on_views.detach()), rel=1e-6)
+    assert abs(values["logic"] - float(on_images.detach())) > 1e-4  # not the images themselves
