@@ -225,11 +225,14 @@ def run_trial(cfg: BenchConfig, trial: Trial) -> None:
     """Run one trial as ``python -m gedi_nesy train`` in a new process; resume its checkpoint.
 
     The trial's config is ``trials/<trial>.yaml``; its output (progress off) is appended to
-    ``trials/<trial>.log``.
+    ``trials/<trial>.log``. A trial that finished after the bench planned it (another bench
+    process on the same folder) is left as it is.
 
     Raises:
         TrainingError: the run failed; the message names its log and quotes the last line.
     """
+    if is_finished(cfg, trial):
+        return
     folder = bench_dir(cfg) / "trials"
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / f"{trial.name}.yaml"

@@ -16,6 +16,7 @@ from gedi_nesy.bench import (
     Trial,
     mean_std,
     results_csv,
+    run_trial,
     select_restarts,
     summary_table,
     trial_config,
@@ -248,3 +249,14 @@ def test_every_shipped_bench_config_gives_valid_trial_configs(name):
     assert len(planned) == len(cfg.methods) * len(cfg.seeds) * max(1, len(cfg.sizes)) * (
         cfg.restarts
     )
+
+
+def test_a_trial_finished_since_the_bench_planned_it_is_not_run_again(tmp_path):
+    cfg = _cfg(tmp_path)
+    trial = trials(cfg)[0]
+    folder = tmp_path / "b/trials" / trial.name
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text("{}")  # another bench process finished it meanwhile
+    run_trial(cfg, trial)
+    assert not (tmp_path / f"b/trials/{trial.name}.log").exists()  # no process was started
+    assert (folder / "metrics.json").read_text() == "{}"
