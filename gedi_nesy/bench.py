@@ -42,7 +42,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from gedi_nesy.config import NesyRunConfig, from_dict, to_dict
+from gedi_nesy.config import NesyRunConfig, from_dict, to_dict, with_defaults
 from gedi_nesy.errors import ConfigError, TrainingError
 from gedi_nesy.metrics import rs_rate
 from gedi_nesy.plots import save_confusion_png, save_lines_png
@@ -208,9 +208,8 @@ def check_finished_configs(cfg: BenchConfig, all_trials: Sequence[Trial]) -> Non
         saved_path = trial_dir(cfg, trial) / "config.yaml"
         if not is_finished(cfg, trial) or not saved_path.is_file():
             continue
-        # settings added since the trial ran take their defaults, which keep earlier behaviour
-        saved = to_dict(from_dict(NesyRunConfig, yaml.safe_load(saved_path.read_text())))
-        now = to_dict(from_dict(NesyRunConfig, trial_config(cfg, trial)))
+        saved = with_defaults(NesyRunConfig, yaml.safe_load(saved_path.read_text()))
+        now = with_defaults(NesyRunConfig, trial_config(cfg, trial))
         found = config_difference(saved, now)
         if found is not None:
             key, a, b = found

@@ -317,6 +317,17 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return _plain(dataclasses.asdict(cfg))
 
 
+def with_defaults(cls: type[C], raw: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (plain dicts) read through the schema of ``cls`` and written out again:
+    settings added since it was saved take their defaults, which keep the earlier behaviour, so
+    it compares equal to a current config that leaves them unset.
+
+    Raises:
+        ConfigError: a key the schema no longer has, or a value of the wrong type.
+    """
+    return to_dict(from_dict(cls, raw))
+
+
 def _plain(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: _plain(v) for k, v in x.items()}

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from gedi_nesy.bridge import LogicModel
 from gedi_nesy.chain import ColumnChainLogic
 from gedi_nesy.compiled import CompiledLogic
-from gedi_nesy.config import LogicConfig, NesyOptimConfig, NesyRunConfig, from_dict, to_dict
+from gedi_nesy.config import LogicConfig, NesyOptimConfig, NesyRunConfig, to_dict, with_defaults
 from gedi_nesy.errors import ConfigError
 from gedi_nesy.loop import StepLog, batch_indices
 from gedi_nesy.metrics import cluster_usage, concept_report, confusion_matrix
@@ -151,8 +151,7 @@ def fit(
     state, ckpt = _FitState(), run_dir / "checkpoint.pt"
     if resume:
         saved = load_checkpoint(ckpt)
-        # settings added since the checkpoint take their defaults, which keep earlier behaviour
-        check_resume_config(to_dict(from_dict(type(cfg), saved["config"])), to_dict(cfg), ckpt)
+        check_resume_config(with_defaults(type(cfg), saved["config"]), to_dict(cfg), ckpt)
         trainer.load_state_dict(saved["trainer"])
         state.__dict__.update(saved["fit"])
         set_rng_state(saved["rng"])

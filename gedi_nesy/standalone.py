@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from gedi_nesy.config import GediRunConfig, ModelConfig, from_dict, to_dict
+from gedi_nesy.config import GediRunConfig, ModelConfig, to_dict, with_defaults
 from gedi_nesy.data import load_images
 from gedi_nesy.loop import StepLog, batch_indices, check_finite, warmup_cosine
 from gedi_nesy.losses import active_parts, weighted_total
@@ -128,8 +128,7 @@ def train_gedi(
     ckpt = run_dir / "checkpoint.pt"
     if resume:
         saved = load_checkpoint(ckpt)
-        # settings added since the checkpoint take their defaults, which keep earlier behaviour
-        check_resume_config(to_dict(from_dict(type(cfg), saved["config"])), to_dict(cfg), ckpt)
+        check_resume_config(with_defaults(type(cfg), saved["config"]), to_dict(cfg), ckpt)
         run.load_state_dict(saved)
     log = StepLog(run_dir / "log.jsonl", resume_step=run.step if resume else None)
     bar = tqdm(total=o.steps, initial=run.step, disable=not progress, desc=cfg.name)
