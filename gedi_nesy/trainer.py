@@ -27,6 +27,7 @@ from problog.logic import Term
 from gedi_nesy.augment import AugmentConfig
 from gedi_nesy.augment import augment as random_view
 from gedi_nesy.bridge import ProbabilityTable
+from gedi_nesy.compiled import query_term
 from gedi_nesy.config import GediConfig, NesyOptimConfig, SGLDConfig
 from gedi_nesy.errors import ConfigError
 from gedi_nesy.loop import check_finite, lr_factor
@@ -313,25 +314,26 @@ class JointTrainer:
         keys = tensor_keys(queries)
         predicted = self.concept_probs(name, self.images(keys)).argmax(-1).tolist()  # (n,)
         value_of = dict(zip(keys, predicted))
-        groups: dict[tuple[str, tuple[int, ...]], list] = {}  # (shape, values) -> [query, count]
+        # (shape, values) -> [a query of the group, its tensor keys, how many queries]
+        groups: dict[tuple[str, tuple[int, ...]], list] = {}
         for q in queries:
             q_keys = tensor_keys([q])
-            shape = str(q.substitute().query)
+            shape = str(query_term(q))
             for i, key in enumerate(q_keys):
                 shape = shape.replace(str(key), f"#{i}")
-            entry = groups.setdefault((shape, tuple(value_of[key] for key in q_keys)), [q, 0])
-            entry[1] += 1
+            values = tuple(value_of[key] for key in q_keys)
+            groups.setdefault((shape, values), [q, q_keys, 0])[2] += 1
         listed = list(groups.values())
+        one_hot = torch.eye(k, device=self.logic_device)  # (K, K)
 
         def score(g: int, mapped: tuple[int, ...]) -> float:
-            query = listed[g][0]
-            rows = torch.eye(k, device=self.logic_device)[list(mapped)]  # (P, K) one-hot
-            table = ProbabilityTable(tensor_keys([query]), rows)
+            query, q_keys, _ = listed[g]
+            table = ProbabilityTable(q_keys, one_hot[list(mapped)])  # (P, K) one-hot rows
             probs, provable = self.logic.query_probs([query], {name: table})
             return float(probs[0]) if bool(provable[0]) else 0.0
 
-        found = best_permutation(k, [(values, float(n)) for (_, values), (_, n) in groups.items()],
-                                 score, max_nodes=max_nodes)  # fmt: skip
+        weighted = [(values, float(n)) for (_, values), (_, _, n) in groups.items()]
+        found = best_permutation(k, weighted, score, max_nodes=max_nodes)
         if found.perm != tuple(range(k)):
             self._permute_head(head, found.perm)
         return found
