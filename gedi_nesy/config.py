@@ -24,13 +24,16 @@ from gedi_nesy.errors import ConfigError
 class ModelConfig:
     """The GEDI network (see :class:`gedi_nesy.nets.GEDINet`)."""
 
-    k: int = 10  # clusters = domain size of the neural predicate
+    k: int = 10  # values = domain size of the neural predicate (a joint run takes it from the task)
     width: int = 16  # encoder channels of the first layer
     feature_dim: int = 128
     proj_dim: int = 64
     tau: float = 0.1  # temperature dividing the head's scores
     head: Literal["cosine", "linear"] = "cosine"
     norm: Literal["none", "group"] = "none"
+    # prototypes per value; > 1 overclusters: the GEDI terms see k * clusters_per_value clusters
+    # and a value's probability is the sum of its clusters' (gedi_nesy.nets)
+    clusters_per_value: int = 1
 
 
 @dataclass
@@ -57,7 +60,7 @@ class GediConfig:
     energy_reg: float = 0.0  # alpha of the energy-magnitude penalty
     symmetric_inv: bool = False
     clean_view: bool = False  # first view = the clean image: L_INV, L_PRIOR see what the logic sees
-    prior_target: list[float] | None = None  # K values: the marginal L_PRIOR matches; None: uniform
+    prior_target: list[float] | None = None  # per cluster: what L_PRIOR matches; None: uniform
     tau_in_energy: bool = True  # False: the energy uses z * tau (scores before the temperature)
     swav_temperature: float = 0.1
     sinkhorn_epsilon: float = 0.05
@@ -131,8 +134,12 @@ class NesyOptimConfig:
     # ranges); evaluation always uses the images
     logic_view: Literal["clean", "augmented"] = "clean"
     # every this many steps after gedi_only_steps, rename the concept values by the permutation
-    # under which the program proves the most training queries (gedi_nesy.relabel); 0: never
+    # under which the program proves the most training queries (gedi_nesy.relabel); 0: never.
+    # With model.clusters_per_value > 1 it re-assigns each cluster a value instead
     relabel_every: int = 0
+    # overclustered relabelling: only cluster maps under which every value is predicted for at
+    # least this share of 1/K of the training images count (unless none is)
+    relabel_min_share: float = 0.5
 
 
 @dataclass

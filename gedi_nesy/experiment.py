@@ -166,11 +166,14 @@ def fit(
         bar.update(1)
         if _relabel_due(o, trainer.step, total):
             found = trainer.relabel(task.train)
-            values["relabel_proved_before"] = found.identity_value / found.total
+            values["relabel_proved_before"] = found.current_value / found.total
             values["relabel_proved_after"] = found.value / found.total
             values["relabel_search_complete"] = int(found.complete)
-            if found.perm != tuple(range(len(found.perm))):
-                values["relabel_perm"] = list(found.perm)
+            if found.min_usage is not None:
+                values["relabel_min_usage_before"] = found.current_min_usage
+                values["relabel_min_usage_after"] = found.min_usage
+            if found.changed:
+                values["relabel_map"] = list(found.mapping)
                 state.relabels += 1
         if trainer.step % eval_every == 0 or trainer.step == total:
             values["val_task_acc"] = _validate(trainer, task, state, o.patience)

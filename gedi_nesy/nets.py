@@ -1,7 +1,12 @@
 """The GEDI network: a small CNN encoder, a projector and a cluster head with temperature.
 
-``GEDINet(x)`` returns cluster logits ``z(x)`` of shape (B, K); ``concept_probs`` is the softmax,
-the output a DeepProbLog neural predicate sees. No BatchNorm: batch statistics make SGLD and
+``GEDINet(x)`` returns value logits ``z(x)`` of shape (B, K); ``concept_probs`` is the softmax,
+the output a DeepProbLog neural predicate sees. With one cluster per value (the default) the
+values are the clusters. With more (overclustering, ``clusters_per_value > 1``) the head has
+``M = K * clusters_per_value`` prototypes, ``cluster_logits`` returns their (B, M) logits (what
+the GEDI terms train) and a value's probability is the sum of its clusters' probabilities, by
+the buffer ``value_of_cluster`` (cluster ``c`` starts on value ``c mod K``; relabelling may
+re-assign it, :mod:`gedi_nesy.relabel`). No BatchNorm: batch statistics make SGLD and
 per-query evaluation inconsistent, so the encoder uses no normalisation or GroupNorm.
 """
 
@@ -52,7 +57,7 @@ class GEDINet(nn.Module):
     """Encoder -> projector -> cluster head; logits divided by the temperature tau.
 
     Args:
-        k: number of clusters (the neural predicate's domain size).
+        k: number of values (the neural predicate's domain size).
         in_channels: image channels.
         width: encoder width.
         feature_dim: encoder output size.
@@ -61,6 +66,7 @@ class GEDINet(nn.Module):
         head: "cosine" (scores are cosine similarities to K prototypes, so |z| <= 1/tau and the
             energy stays bounded) or "linear".
         norm: encoder normalisation, "none" or "group".
+        clusters_per_value: prototypes per value; more than 1 overclusters (see the module).
     """
 
     def __init__(
@@ -74,10 +80,16 @@ class GEDINet(nn.Module):
         tau: float = 0.1,
         head: str = "cosine",
         norm: str = "none",
+        clusters_per_value: int = 1,
     ) -> None:
         super().__init__()
         if k < 2:
-            raise ValueError(f"model.k must be >= 2 clusters, got {k}")
+            raise ValueError(f"model.k must be >= 2 values, got {k}")
+        if clusters_per_value < 1:
+            raise ValueError(
+                f"model.clusters_per_value must be >= 1, got {clusters_per_value}; 1 is one "
+                "prototype per value, more overclusters"
+            )
         if tau <= 0:
             raise ValueError(f"model.tau must be > 0, got {tau}")
         if head not in ("cosine", "linear"):
@@ -87,24 +99,54 @@ class GEDINet(nn.Module):
         self.projector = nn.Sequential(
             nn.Linear(feature_dim, feature_dim), nn.SiLU(), nn.Linear(feature_dim, proj_dim)
         )
-        self.head = nn.Linear(proj_dim, k, bias=(head == "linear"))
+        self.n_clusters = k * clusters_per_value
+        self.head = nn.Linear(proj_dim, self.n_clusters, bias=(head == "linear"))
+        if clusters_per_value > 1:
+            self.register_buffer("value_of_cluster", torch.arange(self.n_clusters) % k)  # (M,)
+        else:
+            self.value_of_cluster = None
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Head scores before the temperature, shape (B, K)."""
+        """Head scores before the temperature, shape (B, M)."""
         h = self.projector(self.encoder(x))  # (B, proj_dim)
         if self.head_kind == "linear":
-            return self.head(h)  # (B, K)
-        prototypes = F.normalize(self.head.weight, dim=-1)  # (K, proj_dim)
-        return F.normalize(h, dim=-1) @ prototypes.t()  # (B, K), cosine in [-1, 1]
+            return self.head(h)  # (B, M)
+        prototypes = F.normalize(self.head.weight, dim=-1)  # (M, proj_dim)
+        return F.normalize(h, dim=-1) @ prototypes.t()  # (B, M), cosine in [-1, 1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Cluster logits ``z(x) = scores(x) / tau``, shape (B, K)."""
+    def cluster_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Cluster logits ``scores(x) / tau``, shape (B, M)."""
         return self.scores(x) / self.tau
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Value logits, shape (B, K): the cluster logits, or with overclustering
+        ``log sum_{c -> v} exp z_c`` per value ``v`` (-inf for a value without clusters)."""
+        return pool_values(self.cluster_logits(x), self.value_of_cluster, self.k)
+
     def concept_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """Cluster posterior ``p(y|x) = softmax(z(x))``, shape (B, K)."""
+        """Value posterior ``p(y|x) = softmax(z(x))``, shape (B, K)."""
         return F.softmax(self(x), dim=-1)
 
     def energy(self, x: torch.Tensor) -> torch.Tensor:
-        """``E(x) = -logsumexp_y z_y(x)``, shape (B,)."""
-        return energy(self(x))
+        """``E(x) = -logsumexp_c z_c(x)`` (the same over clusters or values), shape (B,)."""
+        return energy(self.cluster_logits(x))
+
+
+def pool_values(z: torch.Tensor, value_of_cluster: torch.Tensor | None, k: int) -> torch.Tensor:
+    """Value logits ``log sum_{c: value_of_cluster[c] = v} exp z_c`` from cluster logits.
+
+    Args:
+        z: cluster logits, shape (B, M).
+        value_of_cluster: value of each cluster, (M,) integers in 0..k-1; None: clusters are
+            the values (z is returned as it is).
+        k: number of values.
+
+    Returns:
+        (B, k) logits; the softmax of them sums each value's cluster probabilities. A value no
+        cluster maps to gets -inf (probability 0).
+    """
+    if value_of_cluster is None:
+        return z
+    top = z.max(-1, keepdim=True).values.detach()  # (B, 1), for a stable exp
+    mass = z.new_zeros(len(z), k).index_add(1, value_of_cluster, torch.exp(z - top))  # (B, k)
+    return torch.log(mass) + top

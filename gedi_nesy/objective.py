@@ -70,7 +70,9 @@ class GediObjective:
     """Computes the GEDI loss parts for a batch of images.
 
     Args:
-        net: module with ``forward(x) -> logits (B, K)`` and ``scores(x)`` (logits * tau).
+        net: module with ``forward(x) -> logits (B, K)`` and a temperature ``tau``; the terms
+            train its ``cluster_logits(x)`` (B, M) when it has them (an overclustered
+            :class:`~gedi_nesy.nets.GEDINet`), its ``forward`` otherwise.
         gedi: objective config.
         sgld: sampler config.
         augment: augmentation config.
@@ -92,7 +94,9 @@ class GediObjective:
     ) -> None:
         self.net, self.gedi, self.sgld, self.augment = net, gedi, sgld, augment
         self.weights = gedi_weights(gedi)
-        self.prior_target = prior_target(gedi.prior_target, getattr(net, "k", None), device)
+        self.logits = getattr(net, "cluster_logits", net)  # x -> (B, M) logits the terms train
+        n_clusters = getattr(net, "n_clusters", getattr(net, "k", None))
+        self.prior_target = prior_target(gedi.prior_target, n_clusters, device)
         self.generator = torch.Generator(device=device).manual_seed(seed + 1)
         self.buffer = None
         if self.weights.gen != 0.0 or self.weights.energy_reg != 0.0:
@@ -118,7 +122,7 @@ class GediObjective:
         self.net.eval()
         try:
             x = sgld_sample(
-                lambda v: self.energy(self.net(v)),
+                lambda v: self.energy(self.logits(v)),
                 x0,
                 n_steps=self.sgld.n_steps,
                 step_size=self.sgld.step_size,
@@ -148,7 +152,7 @@ class GediObjective:
             batches += [x + self.sgld.data_noise * noise, self.samples(b)]  # 2 x (B, C, H, W)
         if not batches:
             return GediLoss(zero, zero, zero, zero, zero)
-        logits = self.net(torch.cat(batches)).split(b)  # one forward: n_batches x (B, K)
+        logits = self.logits(torch.cat(batches)).split(b)  # one forward: n_batches x (B, M)
         gen = reg = inv = prior = swav = zero
         if use_views:
             za, zb = logits[0], logits[1]

@@ -1,20 +1,30 @@
-"""Logic-guided relabelling: the permutation of a network's concept values under which the
-program proves the most training queries.
+"""Logic-guided relabelling: the naming of a network's output units (concept values or clusters)
+under which the program proves the most training queries.
 
 A network that clusters its inputs well can still name the clusters wrongly: on MNIST-EvenOdd a
 run can separate all ten digits and yet call the 2s "6" and the 6s "2", a labelling the logic
 loss cannot leave by small gradient steps because every path between the two labellings proves
 fewer queries. The count of proved queries can see it. With each input's predicted (argmax)
-value ``c``, a query whose inputs have values ``(c_1, ..., c_P)`` is proved under the
-relabelling ``pi`` when the program proves it with input ``i`` deterministically ``pi(c_i)``.
-:func:`best_permutation` finds the ``pi`` that proves the most (weighted) queries by branch and
-bound; no concept label is read, only the task labels the logic loss reads too.
-Like abductive learning (Dai et al., NeurIPS 2019), this revises the network's symbols by
-logical consistency, here only by permutations, so the clustering itself is kept.
+unit ``c``, a query whose inputs have units ``(c_1, ..., c_P)`` is proved under the naming
+``f`` when the program proves it with input ``i`` deterministically ``f(c_i)``. No concept
+label is read, only the task labels the logic loss reads too. Like abductive learning (Dai et
+al., NeurIPS 2019), this revises the network's symbols by logical consistency, here only their
+names, so the clustering itself is kept.
 
-Queries are grouped by (query shape, predicted values): a group's score under ``pi`` is the
-probability the program gives its query with one-hot inputs at ``pi(c_1), ..., pi(c_P)`` (1 or 0
-for a program without probabilistic facts), asked once per distinct mapped tuple.
+- :func:`best_permutation`: one unit per value; ``f`` is a permutation of the values.
+- :func:`best_cluster_map`: more units (clusters) than values (overclustering); ``f`` maps
+  every cluster to a value, and every value gets a cluster. A shortcut that merges two digits
+  into one value is then a naming too when the digits sit in different clusters, but it can
+  prove as many queries as the intended map (on MNIST-Half, 3 + 3 = 6 as well as 2 + 4), and
+  more while the network is still trained on the merge. So only maps under which every value
+  holds a fair share of the training inputs count (by default at least half the uniform share
+  1/K, the assumption of GEDI's prior term loosened by a factor 2): the logic chooses among
+  them.
+
+Queries are grouped by (query shape, predicted units): a group's score under ``f`` is the
+probability the program gives its query with one-hot inputs at ``f(c_1), ..., f(c_P)`` (1 or 0
+for a program without probabilistic facts), asked once per distinct mapped tuple. Both searches
+are depth-first branch and bound over the units.
 """
 
 from __future__ import annotations
@@ -25,79 +35,143 @@ from typing import NamedTuple
 from gedi_nesy.audit import assignment_order
 from gedi_nesy.errors import ConfigError
 
-__all__ = ["Relabelling", "best_permutation"]
+__all__ = ["Relabelling", "best_cluster_map", "best_permutation"]
 
 Score = Callable[[int, tuple[int, ...]], float]  # (group index, mapped values) -> [0, 1]
+_EPS = 1e-9
 
 
 class Relabelling(NamedTuple):
-    """What :func:`best_permutation` found.
+    """What a relabelling search found.
 
     Attributes:
-        perm: ``perm[c]`` is the new value of predicted value ``c``; the identity when nothing
-            proves more queries than the current labelling.
-        value: the weighted score of ``perm``.
-        identity_value: the weighted score of the current labelling (the identity).
+        mapping: ``mapping[c]`` is the value of output unit ``c`` after relabelling; equal to
+            ``current`` when nothing better was found.
+        current: the naming before (the identity for a permutation search).
+        value: the weighted score of ``mapping``.
+        current_value: the weighted score of ``current``.
         total: the summed weight of all groups (the largest possible score).
         nodes: search nodes visited.
-        complete: False when the search stopped at ``max_nodes`` (``perm`` is then the best
-            permutation found so far, still never worse than the identity).
+        complete: False when the search stopped at ``max_nodes`` (``mapping`` is then the best
+            naming found so far by the search's criterion, never worse than ``current`` by it).
+        min_usage: inputs predicted as the least-used value under ``mapping`` (cluster maps
+            only; None for permutations, which do not change it).
+        current_min_usage: the same under ``current``.
     """
 
-    perm: tuple[int, ...]
+    mapping: tuple[int, ...]
+    current: tuple[int, ...]
     value: float
-    identity_value: float
+    current_value: float
     total: float
     nodes: int
     complete: bool
+    min_usage: float | None = None
+    current_min_usage: float | None = None
+
+    @property
+    def changed(self) -> bool:
+        return self.mapping != self.current
 
 
 class _Search:
-    """Depth-first branch and bound; assigns ``order[step]`` a free value at each depth."""
+    """Depth-first branch and bound; assigns unit ``order[step]`` a value at each depth.
 
-    def __init__(self, k: int, groups, score: Score, max_nodes: int) -> None:
-        self.k, self.groups, self.score, self.max_nodes = k, groups, score, max_nodes
-        self.order = assignment_order(k, [(values, None) for values, _ in groups])
+    With ``injective`` every value goes to at most one unit (a permutation when there are as
+    many units as values); otherwise every value must get at least one unit. With a
+    ``min_usage`` > 0 only maps under which every value holds at least that many inputs count.
+    """
+
+    def __init__(self, k: int, current: Sequence[int], groups, score: Score, usage,
+                 *, injective: bool, max_nodes: int) -> None:  # fmt: skip
+        self.k, self.m, self.current = k, len(current), list(current)
+        self.groups, self.score, self.usage = groups, score, usage
+        self.injective, self.max_nodes = injective, max_nodes
+        self.order = assignment_order(self.m, [(units, None) for units, _ in groups])
         step_of = {c: step for step, c in enumerate(self.order)}
-        self.due: list[list[int]] = [[] for _ in range(k)]
-        for g, (values, _) in enumerate(groups):
-            self.due[max(step_of[c] for c in values)].append(g)
+        self.due: list[list[int]] = [[] for _ in range(self.m)]
+        for g, (units, _) in enumerate(groups):
+            self.due[max(step_of[c] for c in units)].append(g)
         # weight of the groups still open after depth `step` is assigned
-        self.open_after = [sum(groups[g][1] for s in range(step + 1, k) for g in self.due[s])
-                           for step in range(k)]  # fmt: skip
+        self.open_after = [sum(groups[g][1] for s in range(step + 1, self.m) for g in self.due[s])
+                           for step in range(self.m)]  # fmt: skip
+        # inputs of the units still unassigned after depth `step`
+        self.free_after = [sum(usage[c] for c in self.order[step + 1 :]) for step in range(self.m)]
         self.memo: dict[tuple[int, tuple[int, ...]], float] = {}
         self.nodes, self.complete = 0, True
-        self.best_value, self.best_perm = -1.0, tuple(range(k))
 
-    def group_value(self, g: int, perm: list[int]) -> float:
-        values, weight = self.groups[g]
-        mapped = tuple(perm[c] for c in values)
+    def group_value(self, g: int, f: Sequence[int]) -> float:
+        units, weight = self.groups[g]
+        mapped = tuple(f[c] for c in units)
         if (g, mapped) not in self.memo:
             p = float(self.score(g, mapped))
-            if not 0.0 <= p <= 1.0 + 1e-9:
+            if not 0.0 <= p <= 1.0 + _EPS:
                 raise ConfigError(f"relabelling score {p} for group {g} is outside [0, 1]")
             self.memo[(g, mapped)] = p
         return weight * self.memo[(g, mapped)]
 
-    def run(self, perm: list[int], used: list[bool], step: int, value: float) -> None:
-        if step == self.k:
-            if value > self.best_value + 1e-9:
-                self.best_value, self.best_perm = value, tuple(perm)
+    def value_of(self, f: Sequence[int]) -> float:
+        return sum(self.group_value(g, f) for g in range(len(self.groups)))
+
+    def min_usage_of(self, f: Sequence[int]) -> float:
+        counts = [0.0] * self.k
+        for c, v in enumerate(f):
+            counts[v] += self.usage[c]
+        return min(counts)
+
+    def search(self, min_usage: float) -> tuple[tuple[int, ...], float] | None:
+        """The best-scoring map (the current one unless another scores strictly more) under
+        which every value holds at least ``min_usage`` inputs, and its score; None if none."""
+        self.min_usage, self.nodes, self.complete = min_usage, 0, True
+        current_value = self.value_of(self.current)
+        self.best: tuple[int, ...] | None = None
+        self.best_value = -1.0
+        if self.min_usage_of(self.current) >= min_usage - _EPS:
+            self.best, self.best_value = tuple(self.current), current_value
+        self._run([-1] * self.m, [0] * self.k, [0.0] * self.k, 0, 0.0)
+        return None if self.best is None else (self.best, self.best_value)
+
+    def _run(self, f: list[int], n_units: list[int], counts: list[float], step: int,
+             value: float) -> None:  # fmt: skip
+        if step == self.m:
+            if value > self.best_value + _EPS:
+                self.best, self.best_value = tuple(f), value
             return
-        concept = self.order[step]
-        preferred = [concept] + [v for v in range(self.k) if v != concept]  # the current name first
-        for v in preferred:
-            if used[v]:
+        unit = self.order[step]
+        current = self.current[unit]
+        uncovered = sum(n == 0 for n in n_units)
+        for v in [current] + [v for v in range(self.k) if v != current]:  # current name first
+            if self.injective and n_units[v]:
                 continue
+            if uncovered - (n_units[v] == 0) > self.m - step - 1:
+                continue  # too few units left to give every value one
             if self.nodes >= self.max_nodes:
                 self.complete = False
                 return
             self.nodes += 1
-            perm[concept], used[v] = v, True
-            gained = value + sum(self.group_value(g, perm) for g in self.due[step])
-            if gained + self.open_after[step] > self.best_value + 1e-9:
-                self.run(perm, used, step + 1, gained)
-            perm[concept], used[v] = -1, False
+            f[unit] = v
+            n_units[v] += 1
+            counts[v] += self.usage[unit]
+            gained = value + sum(self.group_value(g, f) for g in self.due[step])
+            short = sum(max(0.0, self.min_usage - c) for c in counts)  # inputs values still lack
+            if gained + self.open_after[step] > self.best_value + _EPS and (
+                short <= self.free_after[step] + _EPS
+            ):
+                self._run(f, n_units, counts, step + 1, gained)
+            f[unit] = -1
+            n_units[v] -= 1
+            counts[v] -= self.usage[unit]
+
+
+def _check(k: int, m: int, groups, max_nodes: int) -> None:
+    if k < 1 or max_nodes < 1:
+        raise ConfigError(f"k = {k}, max_nodes = {max_nodes}; both must be >= 1")
+    for units, weight in groups:
+        if not units or any(not 0 <= c < m for c in units) or weight < 0:
+            raise ConfigError(
+                f"relabelling group {(units, weight)}: units must be 1 or more integers in "
+                f"0..{m - 1} and the weight >= 0"
+            )
 
 
 def best_permutation(
@@ -118,26 +192,78 @@ def best_permutation(
         max_nodes: search budget; the result says whether the search completed.
 
     Returns:
-        The :class:`Relabelling`. Ties keep the identity: a permutation is only returned when it
-        scores more than the current labelling.
+        The :class:`Relabelling` (``current`` is the identity). Ties keep the identity: a
+        permutation is only returned when it scores more than the current labelling.
 
     Raises:
         ConfigError: k < 1, a value outside 0..k-1, a negative weight, max_nodes < 1, or a
             score outside [0, 1].
     """
-    if k < 1 or max_nodes < 1:
-        raise ConfigError(f"k = {k}, max_nodes = {max_nodes}; both must be >= 1")
-    for values, weight in groups:
-        if not values or any(not 0 <= c < k for c in values) or weight < 0:
-            raise ConfigError(
-                f"relabelling group {(values, weight)}: values must be 1 or more integers in "
-                f"0..{k - 1} and the weight >= 0"
-            )
-    search = _Search(k, list(groups), score, max_nodes)
-    identity = list(range(k))
-    identity_value = sum(search.group_value(g, identity) for g in range(len(groups)))
-    search.best_value = identity_value
-    search.run([-1] * k, [False] * k, 0, 0.0)
+    _check(k, k, groups, max_nodes)
+    identity = tuple(range(k))
+    search = _Search(k, identity, list(groups), score, [0.0] * k, injective=True,
+                     max_nodes=max_nodes)  # fmt: skip
+    perm, value = search.search(0.0)
     total = float(sum(w for _, w in groups))
-    return Relabelling(search.best_perm, search.best_value, identity_value, total,
-                       search.nodes, search.complete)  # fmt: skip
+    return Relabelling(perm, identity, value, search.value_of(identity), total, search.nodes,
+                       search.complete)  # fmt: skip
+
+
+def best_cluster_map(
+    k: int,
+    current: Sequence[int],
+    groups: Sequence[tuple[tuple[int, ...], float]],
+    score: Score,
+    usage: Sequence[float],
+    *,
+    min_share: float = 0.5,
+    max_nodes: int = 200_000,
+) -> Relabelling:
+    """The map ``f`` from clusters to values (every value has a cluster) maximising
+    ``sum_g w_g * score(g, f(clusters_g))`` among the maps under which every value holds at
+    least ``min_share / k`` of the inputs, ``sum_{c: f(c) = v} usage[c]``; among all maps when
+    none does. Ties keep ``current``.
+
+    Args:
+        k: the number of values.
+        current: the value of each cluster now, M >= k integers in 0..k-1.
+        groups: ``(clusters, weight)`` per group of queries: the predicted clusters of the
+            query's inputs, in order, and how many queries the group holds.
+        score: ``score(g, mapped)`` in [0, 1] for the values ``mapped`` of group ``g``'s
+            inputs; called once per distinct (g, mapped).
+        usage: inputs predicted as each cluster, (M,) numbers >= 0.
+        min_share: the least usage of a value, as a share of the uniform usage ``1 / k``, in
+            [0, 1]; 0 lets the logic alone choose (merges included).
+        max_nodes: search budget; ``complete`` says whether the search ended.
+
+    Returns:
+        The :class:`Relabelling`, with the least usage under ``mapping`` and ``current``.
+
+    Raises:
+        ConfigError: a bad size, cluster, value, weight, usage, share or budget, or a score
+            outside [0, 1].
+    """
+    m = len(current)
+    if m < k or any(not 0 <= v < k for v in current) or len(usage) != m or min(usage) < 0:
+        raise ConfigError(
+            f"relabelling: {m} clusters with values {list(current)} and usage {list(usage)}; "
+            f"it needs >= k = {k} clusters, values in 0..{k - 1}, one usage >= 0 per cluster"
+        )
+    if not 0.0 <= min_share <= 1.0:
+        raise ConfigError(
+            f"optim.relabel_min_share = {min_share}; it must be in [0, 1] (a share of 1/K)"
+        )
+    _check(k, m, groups, max_nodes)
+    groups, total = list(groups), float(sum(w for _, w in groups))
+    search = _Search(k, current, groups, score, [float(u) for u in usage], injective=False,
+                     max_nodes=max_nodes)  # fmt: skip
+    found = search.search(min_share * sum(usage) / k)
+    complete, nodes = search.complete, search.nodes
+    if found is None:  # no map uses every value enough: the logic alone decides
+        found = search.search(0.0)
+        complete, nodes = complete and search.complete, nodes + search.nodes
+    mapping, value = found if found is not None else (tuple(current), search.value_of(current))
+    return Relabelling(
+        mapping, tuple(current), value, search.value_of(current), total, nodes, complete,
+        search.min_usage_of(mapping), search.min_usage_of(current),
+    )  # fmt: skip

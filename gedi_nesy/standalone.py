@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from gedi_nesy.config import GediRunConfig, ModelConfig, to_dict, with_defaults
 from gedi_nesy.data import load_images
+from gedi_nesy.errors import ConfigError
 from gedi_nesy.loop import StepLog, batch_indices, check_finite, warmup_cosine
 from gedi_nesy.losses import active_parts, weighted_total
 from gedi_nesy.metrics import clustering_report, ood_auroc
@@ -43,6 +44,7 @@ def build_net(cfg: ModelConfig) -> GEDINet:
         tau=cfg.tau,
         head=cfg.head,
         norm=cfg.norm,
+        clusters_per_value=cfg.clusters_per_value,
     )
 
 
@@ -119,6 +121,11 @@ def train_gedi(
         The metrics written to ``metrics.json``.
     """
     o = cfg.optim
+    if cfg.model.clusters_per_value != 1:
+        raise ConfigError(
+            f"model.clusters_per_value = {cfg.model.clusters_per_value}: standalone GEDI has no "
+            "values to group clusters into; set it to 1 and model.k to the number of clusters"
+        )
     run_dir, device = start_run(
         cfg.out_dir, cfg.name, to_dict(cfg), threads=o.threads, device=o.device, seed=o.seed
     )

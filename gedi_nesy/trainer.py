@@ -33,7 +33,7 @@ from gedi_nesy.errors import ConfigError
 from gedi_nesy.loop import check_finite, lr_factor
 from gedi_nesy.losses import GediLoss, active_parts, marginal_entropy_loss, weighted_total
 from gedi_nesy.objective import GediObjective
-from gedi_nesy.relabel import Relabelling, best_permutation
+from gedi_nesy.relabel import Relabelling, best_cluster_map, best_permutation
 
 LOGIC_EPS = 1e-12  # DeepProbLog's cross_entropy adds this inside the log
 
@@ -292,16 +292,19 @@ class JointTrainer:
 
     @torch.no_grad()
     def relabel(self, queries: Sequence[Query], max_nodes: int = 200_000) -> Relabelling:
-        """Rename the network's concept values by the permutation under which the program proves
-        the most of ``queries`` with the predicted (argmax) values; see :mod:`gedi_nesy.relabel`.
+        """Rename the network's output units by the naming under which the program proves the
+        most of ``queries`` with the predicted (argmax) units; see :mod:`gedi_nesy.relabel`.
 
-        The permutation moves the rows of the network's output layer (``head``) and of their
-        optimiser state, so the network computes the same clusters under the new names. Needs
-        exactly one network with a ``head`` linear layer (a :class:`GEDINet`).
+        With one unit per value the naming is a permutation: it moves the rows of the output
+        layer (``head``) and of their optimiser state, so the network computes the same
+        clusters under the new names. With more clusters than values (an overclustered
+        :class:`~gedi_nesy.nets.GEDINet`) it re-assigns each cluster a value
+        (``value_of_cluster``) by the map that proves the most among those that predict every
+        value for at least ``optim.relabel_min_share / K`` of the images. Needs exactly one
+        network with a ``head`` linear layer.
 
         Returns:
-            The :class:`~gedi_nesy.relabel.Relabelling` (applied when ``perm`` is not the
-            identity; scores count queries).
+            The :class:`~gedi_nesy.relabel.Relabelling`, already applied; scores count queries.
         """
         head = self._relabel_head()
         if head is None:
@@ -309,20 +312,24 @@ class JointTrainer:
                 f"relabelling needs exactly one network with an output layer `head` (a "
                 f"GEDINet); the program has {sorted(self.nets)}; set optim.relabel_every: 0"
             )
-        name = next(iter(self.nets))
-        k = head.out_features
+        name, net = next(iter(self.nets.items()))
+        value_of_cluster = getattr(net, "value_of_cluster", None)  # None: units are the values
+        k = net.k if value_of_cluster is not None else head.out_features
         keys = tensor_keys(queries)
-        predicted = self.concept_probs(name, self.images(keys)).argmax(-1).tolist()  # (n,)
-        value_of = dict(zip(keys, predicted))
-        # (shape, values) -> [a query of the group, its tensor keys, how many queries]
+        images = self.images(keys)
+        net.eval()
+        logits = getattr(net, "cluster_logits", net)
+        units = torch.cat([logits(x).argmax(-1).cpu() for x in images.split(1000)])  # (n,)
+        unit_of = dict(zip(keys, units.tolist()))
+        # (shape, units) -> [a query of the group, its tensor keys, how many queries]
         groups: dict[tuple[str, tuple[int, ...]], list] = {}
         for q in queries:
             q_keys = tensor_keys([q])
             shape = str(query_term(q))
             for i, key in enumerate(q_keys):
                 shape = shape.replace(str(key), f"#{i}")
-            values = tuple(value_of[key] for key in q_keys)
-            groups.setdefault((shape, values), [q, q_keys, 0])[2] += 1
+            group_units = tuple(unit_of[key] for key in q_keys)
+            groups.setdefault((shape, group_units), [q, q_keys, 0])[2] += 1
         listed = list(groups.values())
         one_hot = torch.eye(k, device=self.logic_device)  # (K, K)
 
@@ -332,10 +339,18 @@ class JointTrainer:
             probs, provable = self.logic.query_probs([query], {name: table})
             return float(probs[0]) if bool(provable[0]) else 0.0
 
-        weighted = [(values, float(n)) for (_, values), (_, _, n) in groups.items()]
-        found = best_permutation(k, weighted, score, max_nodes=max_nodes)
-        if found.perm != tuple(range(k)):
-            self._permute_head(head, found.perm)
+        weighted = [(group_units, float(n)) for (_, group_units), (_, _, n) in groups.items()]
+        if value_of_cluster is None:
+            found = best_permutation(k, weighted, score, max_nodes=max_nodes)
+            if found.changed:
+                self._permute_head(head, found.mapping)
+            return found
+        usage = torch.bincount(units, minlength=head.out_features).tolist()  # images per cluster
+        found = best_cluster_map(
+            k, value_of_cluster.tolist(), weighted, score, usage,
+            min_share=self.optim_cfg.relabel_min_share, max_nodes=max_nodes,
+        )  # fmt: skip
+        value_of_cluster.copy_(torch.tensor(found.mapping))
         return found
 
     def _relabel_head(self) -> nn.Linear | None:

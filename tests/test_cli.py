@@ -11,6 +11,7 @@ import torch
 
 import gedi_nesy.standalone as standalone
 from gedi_nesy.cli import main
+from gedi_nesy.runtime import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs/smoke.yaml")
@@ -128,6 +129,14 @@ def test_resume_under_another_config_is_a_one_line_error(tmp_path, capsys):
     assert "was made with model.width = 8, the config now says 4" in err and err.count("\n") == 1
 
 
+def test_standalone_gedi_refuses_overclustering_in_one_line(tmp_path, capsys):
+    sets = ["--set", f"out_dir={tmp_path}", "--set", "model.clusters_per_value=2"]
+    assert main(["gedi", SMOKE, "--no-progress", *sets]) == 2
+    err = capsys.readouterr().err
+    assert "model.clusters_per_value = 2: standalone GEDI has no values" in err
+    assert err.count("\n") == 1
+
+
 @needs_data
 def test_concept_supervision_baseline_trains_on_k_labels_per_class(tmp_path):
     assert _train_tiny_half(tmp_path, "half_sup", 4, 14, "supervision.labels_per_class=1") == 0
@@ -149,7 +158,26 @@ def test_relabelling_runs_in_the_loop_and_is_logged(tmp_path):
         assert 0.0 <= row["relabel_proved_before"] <= row["relabel_proved_after"] <= 1.0
         assert row["relabel_search_complete"] == 1
     metrics = json.loads((tmp_path / "half_rl/metrics.json").read_text())
-    assert metrics["relabels"] == sum("relabel_perm" in row for row in rows)
+    assert metrics["relabels"] == sum("relabel_map" in row for row in rows)
+
+
+@needs_data
+def test_an_overclustered_network_is_relabelled_cluster_by_cluster(tmp_path):
+    sets = ("model.clusters_per_value=2", "optim.relabel_every=1")
+    assert _train_tiny_half(tmp_path, "half_oc", 4, 7, *sets) == 0
+    log = [json.loads(line) for line in (tmp_path / "half_oc/log.jsonl").read_text().splitlines()]
+    rows = [row for row in log if "relabel_proved_after" in row]
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    for row in rows:  # 28 sums, 56 training images; a map may prove less to use every value
+        assert 0.0 <= row["relabel_min_usage_before"] <= 56 and row["relabel_search_complete"] == 1
+        assert 0.0 <= row["relabel_min_usage_after"] <= 56 / 5
+        assert sorted(set(row.get("relabel_map", range(5)))) == [0, 1, 2, 3, 4]
+    metrics = json.loads((tmp_path / "half_oc/metrics.json").read_text())
+    assert len(metrics["concept_map"]) == 5  # evaluated in the 5 values, not the 10 clusters
+    state = load_checkpoint(tmp_path / "half_oc/checkpoint.pt")
+    value_of_cluster = state["trainer"]["nets"]["digit_net"]["value_of_cluster"].tolist()
+    maps = [row["relabel_map"] for row in rows if "relabel_map" in row]
+    assert value_of_cluster == (maps[-1] if maps else [0, 1, 2, 3, 4] * 2)  # checkpointed
 
 
 @needs_data

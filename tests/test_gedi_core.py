@@ -21,7 +21,7 @@ from gedi_nesy.losses import (
     swav_loss,
     weighted_total,
 )
-from gedi_nesy.nets import GEDINet
+from gedi_nesy.nets import GEDINet, pool_values
 from gedi_nesy.sgld import ReplayBuffer, sgld_sample
 from gedi_nesy.sinkhorn import sinkhorn
 
@@ -182,6 +182,41 @@ def test_gedinet_rejects_bad_arguments():
         GEDINet(k=1)
     with pytest.raises(ValueError, match="model.head"):
         GEDINet(head="mlp")
+    with pytest.raises(ValueError, match="model.clusters_per_value must be >= 1, got 0"):
+        GEDINet(k=3, clusters_per_value=0)
+
+
+def test_pool_values_sums_cluster_probabilities():
+    z = torch.log(torch.tensor([[1.0, 2.0, 3.0, 4.0]])) + 7.0  # cluster probs 0.1 0.2 0.3 0.4
+    p = torch.softmax(pool_values(z, torch.tensor([0, 1, 0, 1]), 2), -1)
+    assert torch.allclose(p, torch.tensor([[0.4, 0.6]]))  # 0.1 + 0.3, 0.2 + 0.4
+    p = torch.softmax(pool_values(z, torch.tensor([2, 2, 0, 2]), 3), -1)
+    assert torch.allclose(p, torch.tensor([[0.3, 0.0, 0.7]]))  # value 1 has no cluster: 0
+    assert pool_values(z, None, 4) is z
+
+
+def test_an_overclustered_gedinet_trains_its_clusters_and_answers_in_values():
+    from gedi_nesy.config import GediConfig, SGLDConfig
+    from gedi_nesy.errors import ConfigError
+    from gedi_nesy.objective import GediObjective
+
+    torch.manual_seed(0)
+    net = GEDINet(3, width=4, feature_dim=16, proj_dim=8, clusters_per_value=2)
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    clusters = torch.softmax(net.cluster_logits(x), -1)  # (4, 6)
+    assert clusters.shape == (4, 6) and net(x).shape == (4, 3)
+    assert net.value_of_cluster.tolist() == [0, 1, 2, 0, 1, 2]
+    assert torch.allclose(net.concept_probs(x), clusters[:, :3] + clusters[:, 3:], atol=1e-6)
+    assert torch.allclose(net.energy(x), energy(net(x)), atol=1e-5)  # pooling keeps E(x)
+    assert "value_of_cluster" in net.state_dict()  # a relabelled map is checkpointed
+    gedi = GediConfig(w_gen=0.0, w_inv=1.0, w_prior=1.0, clean_view=True)
+    objective = GediObjective(net, gedi, SGLDConfig(), AugmentConfig(), image_shape=(1, 28, 28),
+                              device=torch.device("cpu"), seed=0)  # fmt: skip
+    expected = prior_loss(net.cluster_logits(x))  # L_PRIOR over the 6 clusters, not 3 values
+    assert objective(x).prior.item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ConfigError, match="K = 6 values"):
+        GediObjective(net, GediConfig(prior_target=[1 / 3] * 3), SGLDConfig(), AugmentConfig(),
+                      image_shape=(1, 28, 28), device=torch.device("cpu"), seed=0)  # fmt: skip
 
 
 def test_two_views_differ_stay_in_range_and_are_seeded():

@@ -16,7 +16,8 @@ from gedi_nesy.compiled import CompiledLogic
 from gedi_nesy.config import GediConfig, NesyOptimConfig, SGLDConfig
 from gedi_nesy.errors import ConfigError
 from gedi_nesy.experiment import _relabel_due
-from gedi_nesy.relabel import best_permutation
+from gedi_nesy.nets import pool_values
+from gedi_nesy.relabel import best_cluster_map, best_permutation
 from gedi_nesy.trainer import JointTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,16 +46,16 @@ def test_a_swapped_labelling_is_undone():
     # true values: cluster 0 is 0, cluster 1 is 2, cluster 2 is 1 (clusters 1 and 2 swapped)
     groups, score = _sum_groups([(0, 1, 2, 5), (0, 2, 1, 4), (1, 2, 3, 3), (2, 2, 2, 2)])
     found = best_permutation(3, groups, score)
-    assert found.perm == (0, 2, 1)
+    assert found.mapping == (0, 2, 1)
     assert found.value == 14.0 and found.total == 14.0  # every query proved after the swap
-    assert found.identity_value == 3.0  # before: only (1, 2) -> 3 is proved, 3 queries
+    assert found.current_value == 3.0  # before: only (1, 2) -> 3 is proved, 3 queries
     assert found.complete
 
 
 def test_identity_kept_when_nothing_proves_more():
     groups, score = _sum_groups([(0, 1, 1, 3), (1, 1, 2, 1)])
     found = best_permutation(3, groups, score)
-    assert found.perm == (0, 1, 2) and found.value == found.identity_value == 4.0
+    assert found.mapping == (0, 1, 2) and found.value == found.current_value == 4.0
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -69,8 +70,8 @@ def test_branch_and_bound_equals_brute_force_on_noisy_groups(seed):
     groups, score = _sum_groups(rows)
     found = best_permutation(k, groups, score)
     assert found.complete and found.value == _brute_force(k, groups, score)
-    assert found.value >= found.identity_value
-    recomputed = sum(w * score(g, tuple(found.perm[c] for c in vals))
+    assert found.value >= found.current_value
+    recomputed = sum(w * score(g, tuple(found.mapping[c] for c in vals))
                      for g, (vals, w) in enumerate(groups))  # fmt: skip
     assert recomputed == found.value
 
@@ -79,7 +80,7 @@ def test_budget_stops_the_search_and_says_so():
     groups, score = _sum_groups([(a, b, (a + b + 3) % 9, 1) for a in range(5) for b in range(5)])
     found = best_permutation(5, groups, score, max_nodes=3)
     assert not found.complete and found.nodes == 3
-    assert found.value >= found.identity_value
+    assert found.value >= found.current_value
 
 
 @pytest.mark.parametrize(
@@ -90,6 +91,83 @@ def test_budget_stops_the_search_and_says_so():
 def test_bad_input_is_a_one_line_error(k, groups, nodes, match):
     with pytest.raises(ConfigError, match=match):
         best_permutation(k, groups, lambda g, m: 1.0, max_nodes=nodes)
+
+
+# MNIST-Half's training worlds (digits 0-4): ((a, b), sum, queries); every digit has a cluster
+HALF = [((0, 0), 0, 4), ((0, 1), 1, 2), ((1, 0), 1, 2), ((2, 3), 5, 3), ((3, 2), 5, 3),
+        ((2, 4), 6, 2), ((4, 2), 6, 2)]  # fmt: skip
+
+
+def _half_groups(cluster_of_digit):
+    rows = [(cluster_of_digit[a], cluster_of_digit[b], s, n) for (a, b), s, n in HALF]
+    groups, score = _sum_groups(rows)
+    usage = [0.0] * 6
+    for (a, b), _, n in HALF:
+        usage[cluster_of_digit[a]] += n
+        usage[cluster_of_digit[b]] += n
+    return groups, score, usage
+
+
+def test_a_merge_of_two_digits_is_undone_when_they_sit_in_different_clusters():
+    # digit d in cluster d; cluster 5 is empty. The current map is Half's shortcut 0 1 3 2 3
+    # (2 and 4 both called 3, 3 called 2), which proves every sum, as the identity does
+    groups, score, usage = _half_groups([0, 1, 2, 3, 4])
+    shortcut = (0, 1, 3, 2, 3, 4)
+    found = best_cluster_map(5, shortcut, groups, score, usage)
+    assert found.current_value == found.total == 18.0  # 3 + 3 = 6 and 2 + 3 = 5: all proved
+    assert found.current_min_usage == 0.0  # value 4 is predicted for no image
+    assert found.mapping == (0, 1, 2, 3, 4, 4) and found.value == 18.0  # the identity
+    assert found.min_usage == 4.0  # images called 4 (the 2 + 2 in the (2, 4) worlds)
+    assert found.complete
+    # without the usage floor the logic alone cannot tell the two maps apart: ties keep the current
+    assert best_cluster_map(5, shortcut, groups, score, usage, min_share=0.0).mapping == shortcut
+
+
+def _brute_force_map(k, current, groups, score, usage, floor):
+    best = None
+    for f in itertools.product(range(k), repeat=len(current)):
+        counts = [sum(u for c, u in enumerate(usage) if f[c] == v) for v in range(k)]
+        if 0 in [f.count(v) for v in range(k)] or min(counts) < floor:
+            continue
+        value = sum(w * score(g, tuple(f[c] for c in units)) for g, (units, w) in enumerate(groups))
+        best = value if best is None else max(best, value)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cluster_map_search_equals_brute_force(seed):
+    gen = torch.Generator().manual_seed(seed)
+    k, m = 3, 5
+    rows = []
+    for _ in range(10):
+        a, b = torch.randint(m, (2,), generator=gen).tolist()
+        s = int(torch.randint(2 * k - 1, (1,), generator=gen))
+        rows.append((a, b, s, int(torch.randint(1, 9, (1,), generator=gen))))
+    groups, score = _sum_groups(rows)
+    usage = torch.randint(0, 20, (m,), generator=gen).float().tolist()
+    current = (0, 1, 2, 0, 1)
+    share = [0.0, 0.5, 0.9][seed % 3]
+    found = best_cluster_map(k, current, groups, score, usage, min_share=share)
+    floor = share * sum(usage) / k
+    expected = _brute_force_map(k, current, groups, score, usage, floor)
+    if expected is None:  # no map meets the floor: the best of all maps
+        expected = _brute_force_map(k, current, groups, score, usage, 0.0)
+    assert found.complete and found.value == expected
+    assert sorted(set(found.mapping)) == list(range(k))  # every value has a cluster
+    recomputed = sum(w * score(g, tuple(found.mapping[c] for c in units))
+                     for g, (units, w) in enumerate(groups))  # fmt: skip
+    assert recomputed == found.value
+
+
+@pytest.mark.parametrize(
+    "current, usage, share, match",
+    [((0, 1), [1.0, 1.0], 0.5, ">= k = 3 clusters"), ((0, 1, 3), [1.0] * 3, 0.5, r"0\.\.2"),
+     ((0, 1, 2), [1.0, 1.0], 0.5, "one usage"), ((0, 1, 2), [1.0, -1.0, 1.0], 0.5, "usage >= 0"),
+     ((0, 1, 2), [1.0] * 3, 1.5, r"relabel_min_share = 1.5; it must be in \[0, 1\]")],
+)  # fmt: skip
+def test_bad_cluster_map_input_is_a_one_line_error(current, usage, share, match):
+    with pytest.raises(ConfigError, match=match):
+        best_cluster_map(3, current, [], lambda g, m: 1.0, usage, min_share=share)
 
 
 class _LabelNet(torch.nn.Module):
@@ -114,12 +192,8 @@ def _query(a, b, s):
     return Query(Term("addition", Term("p0"), Term("p1"), Constant(s)), subs)
 
 
-def test_trainer_relabels_a_network_that_names_digits_wrongly():
-    digits = list(range(10)) * 2  # image i shows digit i % 10
-    images = torch.zeros(20, 1, 28, 28)
-    images[:, 0, 0, 0] = torch.tensor(digits, dtype=torch.float32)
-    wrong = [0, 1, 6, 3, 8, 5, 2, 7, 4, 9]  # the EvenOdd local optimum: 2<->6, 4<->8
-    net = _LabelNet(wrong)
+def _addition_trainer(net, images, digits):
+    """A logic-only trainer on programs/addition.pl and 80 sums of the 20 images."""
     trainer = JointTrainer(
         CompiledLogic(ADDITION, {"digit_net": 10}), {"digit_net": net}, {"img": images},
         gedi=GediConfig(w_gen=0.0, w_inv=0.0, w_prior=0.0), sgld=SGLDConfig(),
@@ -127,17 +201,26 @@ def test_trainer_relabels_a_network_that_names_digits_wrongly():
         device=torch.device("cpu"),
     )  # fmt: skip
     pairs = [(i, j) for i in range(20) for j in range(20) if (i * 7 + j) % 5 == 0]
-    queries = [_query(i, j, digits[i] + digits[j]) for i, j in pairs]
+    return trainer, [_query(i, j, digits[i] + digits[j]) for i, j in pairs]
+
+
+def test_trainer_relabels_a_network_that_names_digits_wrongly():
+    digits = list(range(10)) * 2  # image i shows digit i % 10
+    images = torch.zeros(20, 1, 28, 28)
+    images[:, 0, 0, 0] = torch.tensor(digits, dtype=torch.float32)
+    wrong = [0, 1, 6, 3, 8, 5, 2, 7, 4, 9]  # the EvenOdd local optimum: 2<->6, 4<->8
+    net = _LabelNet(wrong)
+    trainer, queries = _addition_trainer(net, images, digits)
     trainer.train_step(queries[:8])  # gives Adam a state to move with the rows
     moment = trainer.optimizer.state[net.head.weight]["exp_avg"].clone()  # (10, 10)
     found = trainer.relabel(queries)
-    assert found.identity_value < found.total  # the wrong names fail some sums
+    assert found.current_value < found.total  # the wrong names fail some sums
     assert found.value == found.total == len(queries)  # after renaming, every sum is proved
     predicted = trainer.concept_probs("digit_net", images).argmax(-1).tolist()
     assert predicted == digits  # the head's rows moved: the network now names digits right
     moved = trainer.optimizer.state[net.head.weight]["exp_avg"]
-    assert all(torch.equal(moved[found.perm[c]], moment[c]) for c in range(10))
-    assert trainer.relabel(queries).perm == tuple(range(10))  # a second pass changes nothing
+    assert all(torch.equal(moved[found.mapping[c]], moment[c]) for c in range(10))
+    assert trainer.relabel(queries).mapping == tuple(range(10))  # a second pass changes nothing
 
 
 def _no_head() -> torch.nn.Module:
@@ -159,3 +242,37 @@ def test_relabelling_runs_after_the_warm_up_and_never_after_the_last_step():
     due = [step for step in range(1, 1051) if _relabel_due(o, step, 1050)]
     assert due == list(range(250, 1050, 100))
     assert not any(_relabel_due(NesyOptimConfig(), step, 1050) for step in range(1, 1051))
+
+
+class _ClusterNet(torch.nn.Module):
+    """20 clusters for 10 values: image i of digit d sits in cluster d (i < 10) or 10 + d."""
+
+    def __init__(self, value_of_cluster: list[int]) -> None:
+        super().__init__()
+        self.k, self.n_clusters = 10, 20
+        self.head = torch.nn.Linear(20, 20, bias=False)
+        self.register_buffer("value_of_cluster", torch.tensor(value_of_cluster))
+
+    def cluster_logits(self, x):
+        return 10.0 * torch.nn.functional.one_hot(x[:, 0, 0, 1].long(), 20).float()  # (B, 20)
+
+    def forward(self, x):
+        return pool_values(self.cluster_logits(x), self.value_of_cluster, self.k)  # (B, 10)
+
+
+def test_trainer_reassigns_the_clusters_of_an_overclustered_network():
+    digits = list(range(10)) * 2
+    images = torch.zeros(20, 1, 28, 28)
+    images[:, 0, 0, 1] = torch.tensor([d + 10 * (i >= 10) for i, d in enumerate(digits)],
+                                      dtype=torch.float32)  # fmt: skip
+    wrong = [0, 1, 2, 3, 4, 5, 6, 7, 8, 8] + list(range(10))  # cluster 9 (image 9, a 9) called 8
+    net = _ClusterNet(wrong)
+    trainer, queries = _addition_trainer(net, images, digits)
+    found = trainer.relabel(queries)
+    assert found.current == tuple(wrong) and found.current_value < found.total
+    assert found.mapping == tuple(range(10)) * 2 and found.value == found.total == len(queries)
+    assert found.current_min_usage == 1.0 and found.min_usage == 2.0  # images called 9
+    assert net.value_of_cluster.tolist() == list(found.mapping)  # applied to the network
+    assert trainer.concept_probs("digit_net", images).argmax(-1).tolist() == digits
+    again = trainer.relabel(queries)
+    assert not again.changed  # a second pass changes nothing
