@@ -153,6 +153,11 @@ class JointTrainer:
                 f"exactly one network that has an output layer `head` (a GEDINet; the program "
                 f"has {sorted(self.nets)}); set it to 0"
             )
+        if not 0.0 <= optim.relabel_min_share <= 1.0:
+            raise ConfigError(
+                f"optim.relabel_min_share = {optim.relabel_min_share}; it must be in [0, 1] (a "
+                "share of the uniform 1/K; 0 lets the logic alone choose the cluster map)"
+            )
         if self.uses_gedi and not all(hasattr(n, "tau") for n in self.nets.values()):
             raise ConfigError(
                 "the GEDI terms need networks with a temperature `tau` (GEDINet); set every "

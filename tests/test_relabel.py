@@ -237,6 +237,16 @@ def test_relabel_every_needs_one_network_with_a_head():
         )  # fmt: skip
 
 
+def test_a_bad_usage_floor_is_refused_before_training():
+    with pytest.raises(ConfigError, match=r"relabel_min_share = -0.1; it must be in \[0, 1\]"):
+        JointTrainer(
+            CompiledLogic(ADDITION, {"digit_net": 10}), {"digit_net": _no_head()},
+            {"img": torch.zeros(2, 1, 28, 28)}, gedi=GediConfig(w_gen=0.0, w_inv=0.0, w_prior=0.0),
+            sgld=SGLDConfig(), augment=AugmentConfig(),
+            optim=NesyOptimConfig(relabel_min_share=-0.1), device=torch.device("cpu"),
+        )  # fmt: skip
+
+
 def test_relabelling_runs_after_the_warm_up_and_never_after_the_last_step():
     o = NesyOptimConfig(relabel_every=100, gedi_only_steps=150)
     due = [step for step in range(1, 1051) if _relabel_due(o, step, 1050)]
