@@ -147,6 +147,8 @@ def pool_values(z: torch.Tensor, value_of_cluster: torch.Tensor | None, k: int) 
     """
     if value_of_cluster is None:
         return z
-    top = z.max(-1, keepdim=True).values.detach()  # (B, 1), for a stable exp
-    mass = z.new_zeros(len(z), k).index_add(1, value_of_cluster, torch.exp(z - top))  # (B, k)
-    return torch.log(mass) + top
+    values = torch.arange(k, device=z.device)
+    members = value_of_cluster.unsqueeze(0) == values.unsqueeze(1)  # (k, M)
+    # each value's own logsumexp stays finite, with finite gradients, however far apart the
+    # logits are (a shared shift would underflow one value's mass to 0 with a linear head)
+    return z.unsqueeze(1).masked_fill(~members, float("-inf")).logsumexp(-1)  # (B, k, M) -> (B, k)

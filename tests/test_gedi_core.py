@@ -193,6 +193,11 @@ def test_pool_values_sums_cluster_probabilities():
     p = torch.softmax(pool_values(z, torch.tensor([2, 2, 0, 2]), 3), -1)
     assert torch.allclose(p, torch.tensor([[0.3, 0.0, 0.7]]))  # value 1 has no cluster: 0
     assert pool_values(z, None, 4) is z
+    far = torch.tensor([[0.0, -200.0, 300.0, -150.0]], requires_grad=True)  # a linear head's range
+    pooled = pool_values(far, torch.tensor([0, 1, 0, 1]), 2)
+    assert torch.allclose(pooled, torch.tensor([[300.0, -150.0 + math.log1p(math.exp(-50.0))]]))
+    torch.log_softmax(pooled, -1)[0, 1].backward()
+    assert torch.isfinite(far.grad).all()  # no underflow to log(0) for the far value
 
 
 def test_an_overclustered_gedinet_trains_its_clusters_and_answers_in_values():
