@@ -153,14 +153,21 @@ class _Search:
             n_units[v] += 1
             counts[v] += self.usage[unit]
             gained = value + sum(self.group_value(g, f) for g in self.due[step])
-            short = sum(max(0.0, self.min_usage - c) for c in counts)  # inputs values still lack
-            if gained + self.open_after[step] > self.best_value + _EPS and (
-                short <= self.free_after[step] + _EPS
+            if gained + self.open_after[step] > self.best_value + _EPS and self._can_fill(
+                counts, step
             ):
                 self._run(f, n_units, counts, step + 1, gained)
             f[unit] = -1
             n_units[v] -= 1
             counts[v] -= self.usage[unit]
+
+    def _can_fill(self, counts: list[float], step: int) -> bool:
+        """Whether the inputs of the units still unassigned can lift every value to the floor
+        (always, without a floor: the permutation search skips the sum)."""
+        if self.min_usage <= 0.0:
+            return True
+        short = sum(max(0.0, self.min_usage - c) for c in counts)  # inputs values still lack
+        return short <= self.free_after[step] + _EPS
 
 
 def _check(k: int, m: int, groups, max_nodes: int) -> None:

@@ -35,11 +35,23 @@ def _sum_groups(pairs_sums_counts):
     return groups, score
 
 
-def _brute_force(k, groups, score):
-    def value(perm):
-        return sum(w * score(g, tuple(perm[c] for c in vals)) for g, (vals, w) in enumerate(groups))
+def _random_sum_groups(gen, n_rows, n_units, k):
+    """``n_rows`` random ((a, b), count) groups over ``n_units`` units, each asking a sum < 2k-1."""
+    rows = []
+    for _ in range(n_rows):
+        a, b = torch.randint(n_units, (2,), generator=gen).tolist()
+        s = int(torch.randint(2 * k - 1, (1,), generator=gen))
+        rows.append((a, b, s, int(torch.randint(1, 9, (1,), generator=gen))))
+    return _sum_groups(rows)
 
-    return max(value(p) for p in itertools.permutations(range(k)))
+
+def _weighted_score(groups, score, f):
+    """``sum_g w_g * score(g, f(units_g))``: what the searches maximise."""
+    return sum(w * score(g, tuple(f[c] for c in units)) for g, (units, w) in enumerate(groups))
+
+
+def _brute_force(k, groups, score):
+    return max(_weighted_score(groups, score, p) for p in itertools.permutations(range(k)))
 
 
 def test_a_swapped_labelling_is_undone():
@@ -62,18 +74,11 @@ def test_identity_kept_when_nothing_proves_more():
 def test_branch_and_bound_equals_brute_force_on_noisy_groups(seed):
     gen = torch.Generator().manual_seed(seed)
     k = 5
-    rows = []
-    for _ in range(12):
-        a, b = torch.randint(k, (2,), generator=gen).tolist()
-        s = int(torch.randint(2 * k - 1, (1,), generator=gen))
-        rows.append((a, b, s, int(torch.randint(1, 9, (1,), generator=gen))))
-    groups, score = _sum_groups(rows)
+    groups, score = _random_sum_groups(gen, 12, k, k)
     found = best_permutation(k, groups, score)
     assert found.complete and found.value == _brute_force(k, groups, score)
     assert found.value >= found.current_value
-    recomputed = sum(w * score(g, tuple(found.mapping[c] for c in vals))
-                     for g, (vals, w) in enumerate(groups))  # fmt: skip
-    assert recomputed == found.value
+    assert _weighted_score(groups, score, found.mapping) == found.value
 
 
 def test_budget_stops_the_search_and_says_so():
@@ -129,7 +134,7 @@ def _brute_force_map(k, current, groups, score, usage, floor):
         counts = [sum(u for c, u in enumerate(usage) if f[c] == v) for v in range(k)]
         if 0 in [f.count(v) for v in range(k)] or min(counts) < floor:
             continue
-        value = sum(w * score(g, tuple(f[c] for c in units)) for g, (units, w) in enumerate(groups))
+        value = _weighted_score(groups, score, f)
         best = value if best is None else max(best, value)
     return best
 
@@ -138,12 +143,7 @@ def _brute_force_map(k, current, groups, score, usage, floor):
 def test_cluster_map_search_equals_brute_force(seed):
     gen = torch.Generator().manual_seed(seed)
     k, m = 3, 5
-    rows = []
-    for _ in range(10):
-        a, b = torch.randint(m, (2,), generator=gen).tolist()
-        s = int(torch.randint(2 * k - 1, (1,), generator=gen))
-        rows.append((a, b, s, int(torch.randint(1, 9, (1,), generator=gen))))
-    groups, score = _sum_groups(rows)
+    groups, score = _random_sum_groups(gen, 10, m, k)
     usage = torch.randint(0, 20, (m,), generator=gen).float().tolist()
     current = (0, 1, 2, 0, 1)
     share = [0.0, 0.5, 0.9][seed % 3]
@@ -154,9 +154,7 @@ def test_cluster_map_search_equals_brute_force(seed):
         expected = _brute_force_map(k, current, groups, score, usage, 0.0)
     assert found.complete and found.value == expected
     assert sorted(set(found.mapping)) == list(range(k))  # every value has a cluster
-    recomputed = sum(w * score(g, tuple(found.mapping[c] for c in units))
-                     for g, (units, w) in enumerate(groups))  # fmt: skip
-    assert recomputed == found.value
+    assert _weighted_score(groups, score, found.mapping) == found.value
 
 
 @pytest.mark.parametrize(
