@@ -24,11 +24,14 @@ names, so the clustering itself is kept.
 Queries are grouped by (query shape, predicted units): a group's score under ``f`` is the
 probability the program gives its query with one-hot inputs at ``f(c_1), ..., f(c_P)`` (1 or 0
 for a program without probabilistic facts), asked once per distinct mapped tuple. Both searches
-are depth-first branch and bound over the units.
+start from a greedy ascent from the current naming (moves of one unit to another value and swaps
+of two units' values), whose result is the first bound, and then run a depth-first branch and
+bound over the units; a search stopped by its budget still returns at least the ascent's map.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -90,8 +93,11 @@ class _Search:
         self.order = assignment_order(self.m, [(units, None) for units, _ in groups])
         step_of = {c: step for step, c in enumerate(self.order)}
         self.due: list[list[int]] = [[] for _ in range(self.m)]
+        self.groups_of: list[set[int]] = [set() for _ in range(self.m)]  # groups reading unit c
         for g, (units, _) in enumerate(groups):
             self.due[max(step_of[c] for c in units)].append(g)
+            for c in units:
+                self.groups_of[c].add(g)
         # weight of the groups still open after depth `step` is assigned
         self.open_after = [sum(groups[g][1] for s in range(step + 1, self.m) for g in self.due[s])
                            for step in range(self.m)]  # fmt: skip
@@ -123,13 +129,62 @@ class _Search:
         """The best-scoring map (the current one unless another scores strictly more) under
         which every value holds at least ``min_usage`` inputs, and its score; None if none."""
         self.min_usage, self.nodes, self.complete = min_usage, 0, True
-        current_value = self.value_of(self.current)
         self.best: tuple[int, ...] | None = None
         self.best_value = -1.0
-        if self.min_usage_of(self.current) >= min_usage - _EPS:
-            self.best, self.best_value = tuple(self.current), current_value
+        start, start_value = self.climb(min_usage)
+        if self.min_usage_of(start) >= min_usage - _EPS:
+            self.best, self.best_value = start, start_value
         self._run([-1] * self.m, [0] * self.k, [0.0] * self.k, 0, 0.0)
         return None if self.best is None else (self.best, self.best_value)
+
+    def climb(self, min_usage: float) -> tuple[tuple[int, ...], float]:
+        """Greedy ascent from the current map and its score. A move gives one unit another
+        value or swaps two units' values, keeping the search's constraint; it is taken when it
+        lowers the inputs the values lack to reach ``min_usage``, or at an equal lack raises
+        the score. Stops when no move does (a local optimum: the current map when it meets
+        the floor and no move proves more)."""
+        f = list(self.current)
+        n_units, counts = [0] * self.k, [0.0] * self.k
+        for c, v in enumerate(f):
+            n_units[v] += 1
+            counts[v] += self.usage[c]
+
+        def lack() -> float:
+            return sum(max(0.0, min_usage - n) for n in counts)
+
+        def move(assign: list[tuple[int, int]]) -> None:
+            for c, v in assign:
+                n_units[f[c]] -= 1
+                counts[f[c]] -= self.usage[c]
+                f[c] = v
+                n_units[v] += 1
+                counts[v] += self.usage[c]
+
+        improved = True
+        while improved:
+            improved = False
+            for assign in self._moves(f, n_units):
+                touched = set().union(*(self.groups_of[c] for c, _ in assign))
+                before, old_lack = sum(self.group_value(g, f) for g in touched), lack()
+                undo = [(c, f[c]) for c, _ in assign]
+                move(assign)
+                gain, new_lack = sum(self.group_value(g, f) for g in touched) - before, lack()
+                if new_lack < old_lack - _EPS or (new_lack <= old_lack + _EPS and gain > _EPS):
+                    improved = True
+                else:
+                    move(undo)
+        return tuple(f), self.value_of(f)
+
+    def _moves(self, f: list[int], n_units: list[int]):
+        """The moves of :meth:`climb` from ``f``, as lists of (unit, new value); read lazily,
+        so each is checked against the map as it is then."""
+        for c in range(self.m):
+            for v in range(self.k):
+                if v != f[c] and n_units[f[c]] > 1 and not (self.injective and n_units[v]):
+                    yield [(c, v)]
+        for a, b in itertools.combinations(range(self.m), 2):
+            if f[a] != f[b]:
+                yield [(a, f[b]), (b, f[a])]
 
     def _run(self, f: list[int], n_units: list[int], counts: list[float], step: int,
              value: float) -> None:  # fmt: skip

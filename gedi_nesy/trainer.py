@@ -335,14 +335,17 @@ class JointTrainer:
                 shape = shape.replace(str(key), f"#{i}")
             group_units = tuple(unit_of[key] for key in q_keys)
             groups.setdefault((shape, group_units), [q, q_keys, 0])[2] += 1
-        listed = list(groups.values())
+        listed = [(shape, *entry) for (shape, _), entry in groups.items()]
         one_hot = torch.eye(k, device=self.logic_device)  # (K, K)
+        proved: dict[tuple[str, tuple[int, ...]], float] = {}  # groups of one shape share it
 
         def score(g: int, mapped: tuple[int, ...]) -> float:
-            query, q_keys, _ = listed[g]
-            table = ProbabilityTable(q_keys, one_hot[list(mapped)])  # (P, K) one-hot rows
-            probs, provable = self.logic.query_probs([query], {name: table})
-            return float(probs[0]) if bool(provable[0]) else 0.0
+            shape, query, q_keys, _ = listed[g]
+            if (shape, mapped) not in proved:
+                table = ProbabilityTable(q_keys, one_hot[list(mapped)])  # (P, K) one-hot rows
+                probs, provable = self.logic.query_probs([query], {name: table})
+                proved[(shape, mapped)] = float(probs[0]) if bool(provable[0]) else 0.0
+            return proved[(shape, mapped)]
 
         weighted = [(group_units, float(n)) for (_, group_units), (_, _, n) in groups.items()]
         if value_of_cluster is None:

@@ -128,6 +128,18 @@ def test_a_merge_of_two_digits_is_undone_when_they_sit_in_different_clusters():
     assert best_cluster_map(5, shortcut, groups, score, usage, min_share=0.0).mapping == shortcut
 
 
+def test_a_search_stopped_by_its_budget_still_meets_the_floor_by_the_greedy_ascent():
+    # one node is no search: the map comes from the ascent alone. From the shortcut (value 4
+    # unused) moving cluster 2 to value 4 meets the floor; further moves stop at 1 -> 3, 2 -> 4,
+    # 3 -> 1, 4 -> 2, which proves every sum but the four 0 + 1 = 1 queries (14 of 18)
+    groups, score, usage = _half_groups([0, 1, 2, 3, 4])
+    found = best_cluster_map(5, (0, 1, 3, 2, 3, 4), groups, score, usage, max_nodes=1)
+    assert not found.complete and found.nodes == 1
+    assert found.mapping == (0, 3, 4, 1, 2, 4) and found.value == 14.0
+    assert found.current_min_usage == 0.0 and found.min_usage == 4.0  # floor 0.5 * 36 / 5 = 3.6
+    assert _weighted_score(groups, score, found.mapping) == found.value
+
+
 def _brute_force_map(k, current, groups, score, usage, floor):
     best = None
     for f in itertools.product(range(k), repeat=len(current)):
