@@ -5,7 +5,8 @@ of it, the seeds and optionally a data-size axis. Every (method, size, seed) is 
 ``gedi-nesy train`` run in its own process, in ``<out_dir>/<name>/trials/<trial>/``. A trial is
 finished when its ``metrics.json`` exists (written atomically at the end of the run), so a rerun
 skips finished trials and resumes interrupted ones from their checkpoints: a killed bench loses at
-most the steps since the last checkpoint of the trials in flight.
+most the steps since the last checkpoint of the trials in flight. A trial in flight is locked, so
+two bench processes over one folder share out the trials instead of running one twice.
 
 With ``restarts: R`` > 1 each (method, size, seed) trains R times, restart r setting
 ``restart_key`` (default ``optim.seed``: the model, not the data) to ``seed + 1000 r``, and the
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import fcntl
 import io
 import json
 import math
@@ -220,31 +222,45 @@ def check_finished_configs(cfg: BenchConfig, all_trials: Sequence[Trial]) -> Non
             )
 
 
-def run_trial(cfg: BenchConfig, trial: Trial) -> None:
+def run_trial(cfg: BenchConfig, trial: Trial) -> bool:
     """Run one trial as ``python -m gedi_nesy train`` in a new process; resume its checkpoint.
 
     The trial's config is ``trials/<trial>.yaml``; its output (progress off) is appended to
-    ``trials/<trial>.log``. A trial that finished after the bench planned it (another bench
-    process on the same folder) is left as it is.
+    ``trials/<trial>.log``. While it runs, the bench and the training process hold an exclusive
+    lock on ``trials/<trial>.lock`` (released by the system when both end, killed or not), so
+    two bench processes over one folder never run a trial at once. A trial that finished after
+    the bench planned it is left as it is.
+
+    Returns:
+        False when another process holds the trial's lock (it was not run), else True.
 
     Raises:
         TrainingError: the run failed; the message names its log and quotes the last line.
     """
     if is_finished(cfg, trial):
-        return
+        return True
     folder = bench_dir(cfg) / "trials"
     folder.mkdir(parents=True, exist_ok=True)
-    config = folder / f"{trial.name}.yaml"
-    atomic_write_text(config, yaml.safe_dump(trial_config(cfg, trial), sort_keys=False))
-    cmd = [sys.executable, "-m", "gedi_nesy", "train", str(config), "--no-progress"]
-    if (trial_dir(cfg, trial) / "checkpoint.pt").is_file():
-        cmd.append("--resume")
-    log = folder / f"{trial.name}.log"
-    with open(log, "a") as f:  # a resumed trial keeps the output of its earlier attempt
-        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    with open(folder / f"{trial.name}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        if is_finished(cfg, trial):  # finished by the process that held the lock before
+            return True
+        config = folder / f"{trial.name}.yaml"
+        atomic_write_text(config, yaml.safe_dump(trial_config(cfg, trial), sort_keys=False))
+        cmd = [sys.executable, "-m", "gedi_nesy", "train", str(config), "--no-progress"]
+        if (trial_dir(cfg, trial) / "checkpoint.pt").is_file():
+            cmd.append("--resume")
+        log = folder / f"{trial.name}.log"
+        with open(log, "a") as f:  # a resumed trial keeps the output of its earlier attempt
+            done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT,
+                                  pass_fds=(lock.fileno(),))  # fmt: skip
     if done.returncode != 0:
         lines = log.read_text().strip().splitlines() or ["(no output)"]
         raise TrainingError(f"trial {trial.name} failed ({log}): {lines[-1]}")
+    return True
 
 
 def run_bench(
@@ -263,7 +279,9 @@ def run_bench(
         progress: show a progress bar over trials.
 
     Returns:
-        ``{"trials", "skipped", "failed": [messages], "folder"}``.
+        ``{"trials", "skipped", "failed": [messages], "elsewhere": [names of the trials
+        another process was running, so this one did not, and had not finished by the
+        report], "folder"}``.
 
     Raises:
         ConfigError: ``jobs`` < 1, the config is invalid, or a finished trial was made under
@@ -280,6 +298,7 @@ def run_bench(
         atomic_write_json(out / "audit.json", dict(audit))
     pending = [t for t in all_trials if not is_finished(cfg, t)]
     failed: list[str] = []
+    elsewhere: list[Trial] = []
     bar = tqdm(total=len(all_trials), initial=len(all_trials) - len(pending), disable=not progress,
                desc=cfg.name, unit="trial")  # fmt: skip
     with ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -294,6 +313,8 @@ def run_bench(
                 trial = running.pop(future)
                 if future.exception() is not None:
                     failed.append(str(future.exception()))
+                elif not future.result():
+                    elsewhere.append(trial)
                 bar.update(1)
                 bar.set_postfix_str(trial.name)
     bar.close()
@@ -302,6 +323,7 @@ def run_bench(
         "trials": len(all_trials),
         "skipped": len(all_trials) - len(pending),
         "failed": failed,
+        "elsewhere": [t.name for t in elsewhere if not is_finished(cfg, t)],
         "folder": str(out),
     }
 

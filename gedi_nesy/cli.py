@@ -148,6 +148,9 @@ def _run_bench(args: argparse.Namespace) -> dict[str, Any]:
     summary = None if result is None else audit_to_dict(result)
     out = run_bench(cfg, jobs=args.jobs, audit=summary, progress=not args.no_progress)
     print((Path(out["folder"]) / "summary.md").read_text())
+    if out["elsewhere"]:
+        print(f"still running in another process, so left to it: {', '.join(out['elsewhere'])}; "
+              "rerun this command when it ends to report them", file=sys.stderr)  # fmt: skip
     if out["failed"]:
         for message in out["failed"]:
             print(message, file=sys.stderr)

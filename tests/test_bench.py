@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import os
@@ -260,3 +261,30 @@ def test_a_trial_finished_since_the_bench_planned_it_is_not_run_again(tmp_path):
     run_trial(cfg, trial)
     assert not (tmp_path / f"b/trials/{trial.name}.log").exists()  # no process was started
     assert (folder / "metrics.json").read_text() == "{}"
+
+
+def test_a_trial_another_process_holds_is_left_to_it(tmp_path):
+    cfg = _cfg(tmp_path)
+    trial = trials(cfg)[0]
+    folder = tmp_path / "b/trials"
+    folder.mkdir(parents=True)
+    with open(folder / f"{trial.name}.lock", "a") as held:  # as another bench process would
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert run_trial(cfg, trial) is False
+        assert not (folder / f"{trial.name}.log").exists()  # no process was started
+    (folder / trial.name).mkdir()
+    (folder / trial.name / "metrics.json").write_text("{}")  # it finished, then let go
+    assert run_trial(cfg, trial) is True
+
+
+def test_bench_names_the_trials_another_process_still_runs(tmp_path, capsys):
+    config = _tiny_bench(tmp_path, "{dpl: {}}")
+    folder = tmp_path / "tiny/trials"
+    (folder / "dpl-s1").mkdir(parents=True)
+    (folder / "dpl-s1/metrics.json").write_text('{"test_task_acc": 0.5, "acc_c": 0.25}')
+    with open(folder / "dpl-s0.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["bench", config, "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert "1 of 2 trials finished" in out and not (folder / "dpl-s0.log").exists()
+    assert "still running in another process, so left to it: dpl-s0; rerun" in err
