@@ -297,6 +297,8 @@ def test_exact_zero_semiring_shortcuts_plain_floats_only():
     assert semiring.plus(zero, 0.5).grad_fn is not None
 
 
+# DeepProbLog's stock semiring calls float() on a tensor that requires grad; ours does not
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True:UserWarning")
 def test_graph_is_much_smaller_than_stock(
     adder, digit_table, digit_probs, stock_model_factory, count_autograd_nodes
 ):
