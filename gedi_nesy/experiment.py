@@ -112,6 +112,12 @@ class _FitState:
         self.stopped_early = False
         self.relabels = 0  # relabellings that changed the names (optim.relabel_every)
 
+    def forget_best(self) -> None:
+        """Start the validation record afresh. After a relabelling that changed the names, a
+        state kept from before would undo it: the search has just found, on every training
+        query, that the old names prove fewer of them."""
+        self.best_val, self.bad_evals, self.best_nets = -1.0, 0, None
+
 
 def _relabel_due(o: NesyOptimConfig, step: int, total: int) -> bool:
     """Whether the loop relabels after this step: every ``relabel_every`` steps once the logic
@@ -120,6 +126,25 @@ def _relabel_due(o: NesyOptimConfig, step: int, total: int) -> bool:
         o.relabel_every > 0 and step > o.gedi_only_steps and step < total
         and (step - o.gedi_only_steps) % o.relabel_every == 0
     )  # fmt: skip
+
+
+def _relabel(trainer: JointTrainer, task: TaskData, state: _FitState) -> dict[str, Any]:
+    """Relabel on the training queries; count a change of names and forget the validation
+    record kept under the old names. Returns the values to log."""
+    found = trainer.relabel(task.train)
+    values: dict[str, Any] = {
+        "relabel_proved_before": found.current_value / found.total,
+        "relabel_proved_after": found.value / found.total,
+        "relabel_search_complete": int(found.complete),
+    }
+    if found.min_usage is not None:
+        values["relabel_min_usage_before"] = found.current_min_usage
+        values["relabel_min_usage_after"] = found.min_usage
+    if found.changed:
+        values["relabel_map"] = list(found.mapping)
+        state.relabels += 1
+        state.forget_best()
+    return values
 
 
 def _extra_images(trainer: JointTrainer, task: TaskData, n: int, step: int) -> torch.Tensor | None:
@@ -165,16 +190,7 @@ def fit(
         rate = (trainer.step - first) * o.batch_size / (time.perf_counter() - start)
         bar.update(1)
         if _relabel_due(o, trainer.step, total):
-            found = trainer.relabel(task.train)
-            values["relabel_proved_before"] = found.current_value / found.total
-            values["relabel_proved_after"] = found.value / found.total
-            values["relabel_search_complete"] = int(found.complete)
-            if found.min_usage is not None:
-                values["relabel_min_usage_before"] = found.current_min_usage
-                values["relabel_min_usage_after"] = found.min_usage
-            if found.changed:
-                values["relabel_map"] = list(found.mapping)
-                state.relabels += 1
+            values.update(_relabel(trainer, task, state))
         if trainer.step % eval_every == 0 or trainer.step == total:
             values["val_task_acc"] = _validate(trainer, task, state, o.patience)
         if (

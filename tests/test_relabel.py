@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,9 +16,9 @@ from gedi_nesy.augment import AugmentConfig
 from gedi_nesy.compiled import CompiledLogic
 from gedi_nesy.config import GediConfig, NesyOptimConfig, SGLDConfig
 from gedi_nesy.errors import ConfigError
-from gedi_nesy.experiment import _relabel_due
+from gedi_nesy.experiment import _FitState, _relabel, _relabel_due, _validate
 from gedi_nesy.nets import pool_values
-from gedi_nesy.relabel import best_cluster_map, best_permutation
+from gedi_nesy.relabel import Relabelling, best_cluster_map, best_permutation
 from gedi_nesy.trainer import JointTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,6 +263,44 @@ def test_relabelling_runs_after_the_warm_up_and_never_after_the_last_step():
     due = [step for step in range(1, 1051) if _relabel_due(o, step, 1050)]
     assert due == list(range(250, 1050, 100))
     assert not any(_relabel_due(NesyOptimConfig(), step, 1050) for step in range(1, 1051))
+
+
+class _ScriptedTrainer:
+    """A trainer whose validation accuracies and relabellings are given in advance."""
+
+    def __init__(self, accuracies, relabellings):
+        self.net = torch.nn.Linear(1, 1, bias=False)
+        self.nets = {"digit_net": self.net}
+        self.accuracies, self.relabellings = iter(accuracies), iter(relabellings)
+
+    def task_accuracy(self, queries):
+        return next(self.accuracies)
+
+    def relabel(self, queries):
+        return next(self.relabellings)
+
+
+def _relabelling(mapping):
+    return Relabelling(mapping, (0, 1, 2), 9.0, 6.0, 10.0, 4, True)
+
+
+def test_a_change_of_names_forgets_the_best_validation_state_kept_before_it():
+    trainer = _ScriptedTrainer([0.9, 0.8, 0.7, 0.6], [_relabelling((0, 1, 2)),
+                                                     _relabelling((1, 0, 2))])  # fmt: skip
+    task, state = SimpleNamespace(train=[], val=["a sum"]), _FitState()
+    for weight in (1.0, 2.0):
+        trainer.net.weight.data.fill_(weight)
+        _validate(trainer, task, state, patience=0)
+    assert state.best_val == 0.9 and float(state.best_nets["digit_net"]["weight"]) == 1.0
+    same = _relabel(trainer, task, state)  # the names stay: the record stays
+    assert "relabel_map" not in same and state.best_val == 0.9 and state.relabels == 0
+    renamed = _relabel(trainer, task, state)
+    assert renamed["relabel_map"] == [1, 0, 2] and renamed["relabel_proved_after"] == 0.9
+    assert state.relabels == 1 and state.best_val == -1.0 and state.best_nets is None
+    for weight in (3.0, 4.0):  # 0.7 then 0.6: the best since the renaming is the first
+        trainer.net.weight.data.fill_(weight)
+        _validate(trainer, task, state, patience=0)
+    assert state.best_val == 0.7 and float(state.best_nets["digit_net"]["weight"]) == 3.0
 
 
 class _ClusterNet(torch.nn.Module):
