@@ -47,7 +47,7 @@ from tqdm import tqdm
 from gedi_nesy.config import NesyRunConfig, from_dict, to_dict, with_defaults
 from gedi_nesy.errors import ConfigError, TrainingError
 from gedi_nesy.metrics import rs_rate
-from gedi_nesy.plots import save_confusion_png, save_lines_png
+from gedi_nesy.plots import save_confusion_png, save_panels_png
 from gedi_nesy.runtime import atomic_write_json, atomic_write_text, config_difference
 
 # metric key in metrics.json -> column heading of summary.md
@@ -453,10 +453,10 @@ def _size_plot(cfg: BenchConfig, rows: Sequence[tuple[Trial, dict[str, Any]]]) -
     sizes = sorted({t.size for t, _ in rows if t.size is not None})
     if len(sizes) < 2:
         return None
-    ys: dict[str, list[float]] = {}
-    errs: dict[str, list[float]] = {}
+    ys: dict[str, dict[str, list[float]]] = {"raw Acc(C)": {}, "matched Acc(C)": {}}
+    errs: dict[str, dict[str, list[float]]] = {"raw Acc(C)": {}, "matched Acc(C)": {}}
     for method in cfg.methods:
-        for key, label in (("acc_c", "raw"), ("acc_c_matched", "matched")):
+        for key, panel in (("acc_c", "raw Acc(C)"), ("acc_c_matched", "matched Acc(C)")):
             means, stds = [], []
             for n in sizes:
                 vals = [float(m[key]) for t, m in rows
@@ -465,13 +465,13 @@ def _size_plot(cfg: BenchConfig, rows: Sequence[tuple[Trial, dict[str, Any]]]) -
                 means.append(mean)
                 stds.append(std)
             if not all(math.isnan(v) for v in means):
-                ys[f"{method} ({label})"], errs[f"{method} ({label})"] = means, stds
-    if not ys:
+                ys[panel][method], errs[panel][method] = means, stds
+    if not all(ys.values()):
         return None
     name = "concept_acc_vs_size.png"
-    save_lines_png(sizes, ys, bench_dir(cfg) / name, xlabel=cfg.size_key or "size",
-                   ylabel="Acc(C), mean ± std over seeds", title=cfg.name, yerr_by_name=errs,
-                   logx=sizes[-1] / sizes[0] >= 10)  # fmt: skip
+    save_panels_png(sizes, ys, bench_dir(cfg) / name, xlabel=cfg.size_key or "size",
+                    ylabel="Acc(C), mean ± std over seeds", title=cfg.name, yerr_panels=errs,
+                    logx=sizes[-1] / sizes[0] >= 10)  # fmt: skip
     return name
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -177,26 +178,70 @@ def save_lines_png(
     Returns:
         The path written.
     """
+    errs = None if yerr_by_name is None else {"": yerr_by_name}
+    return save_panels_png(xs, {"": ys_by_name}, path, xlabel=xlabel, ylabel=ylabel, title=title,
+                           yerr_panels=errs, logx=logx)  # fmt: skip
+
+
+def save_panels_png(
+    xs: Sequence[float],
+    panels: Mapping[str, Mapping[str, Sequence[float]]],
+    path: str | os.PathLike[str],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    yerr_panels: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+    logx: bool = False,
+) -> Path:
+    """Saves side-by-side panels of lines over shared x values and a shared y axis; a method
+    keeps one colour in every panel (e.g. raw and matched accuracy against data size).
+
+    Args:
+        xs: x values, length P.
+        panels: panel title -> (method name -> y values, each of length P).
+        path: output PNG file; its folder is created if missing.
+        xlabel: x-axis label.
+        ylabel: y-axis label (left panel).
+        title: figure title.
+        yerr_panels: panel title -> (method name -> error-bar half widths, length P); a subset
+            of ``panels`` and of each panel's names.
+        logx: draw the x axis on a log scale (for data sizes such as 100 ... 30,000).
+
+    Returns:
+        The path written.
+    """
     x = _as_array(xs)  # (P,)
-    errs = {} if yerr_by_name is None else dict(yerr_by_name)
-    if x.ndim != 1 or x.size == 0 or not ys_by_name:
-        raise ValueError("need a non-empty 1-D xs and at least one entry in ys_by_name")
-    unknown = sorted(set(errs) - set(ys_by_name))
-    if unknown:
-        raise ValueError(f"yerr_by_name has names {unknown} not in ys_by_name; use the same names")
-    fig = _new_figure(6.0, 4.0)
-    ax = fig.add_subplot()
-    for name, ys in ys_by_name.items():
-        y = _as_array(ys)  # (P,)
-        yerr = None if name not in errs else _as_array(errs[name])  # (P,)
-        if y.shape != x.shape or (yerr is not None and yerr.shape != x.shape):
-            raise ValueError(f"series {name!r} does not have {x.size} values like xs")
-        ax.errorbar(x, y, yerr=yerr, marker="o", capsize=3, label=name)
-    if logx:
-        ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    errs = {} if yerr_panels is None else {k: dict(v) for k, v in yerr_panels.items()}
+    if x.ndim != 1 or x.size == 0 or not panels or not all(panels.values()):
+        raise ValueError("need a non-empty 1-D xs and at least one line in every panel")
+    for panel, bars in errs.items():
+        unknown = sorted(set(bars) - set(panels.get(panel, {})))
+        if panel not in panels or unknown:
+            raise ValueError(
+                f"error bars for {unknown or sorted(bars)} in panel {panel!r} have no line; give "
+                "error bars only for lines drawn, under the same panel title and name"
+            )
+    names = list(dict.fromkeys(name for lines in panels.values() for name in lines))
+    palette = colormaps["tab10" if len(names) <= 10 else "tab20"]
+    fig = _new_figure(6.0 if len(panels) == 1 else 4.5 * len(panels), 4.0)
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for ax, (panel, lines) in zip(axes, panels.items()):
+        for name, ys in lines.items():
+            y = _as_array(ys)  # (P,)
+            yerr = errs.get(panel, {}).get(name)
+            yerr = None if yerr is None else _as_array(yerr)  # (P,)
+            if y.shape != x.shape or (yerr is not None and yerr.shape != x.shape):
+                raise ValueError(f"series {name!r} does not have {x.size} values like xs")
+            color = palette(names.index(name) % palette.N)
+            ax.errorbar(x, y, yerr=yerr, marker="o", capsize=3, label=name, color=color)
+        if logx:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_title(panel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(ylabel)
+    axes[-1].legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
     return _save_atomic(fig, path, dpi=120)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gedi_nesy import metrics as M
-from gedi_nesy.plots import save_confusion_png, save_image_grid, save_lines_png
+from gedi_nesy.plots import save_confusion_png, save_image_grid, save_lines_png, save_panels_png
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -265,13 +265,25 @@ def test_save_lines_png(tmp_path: Path) -> None:
     _assert_png(out)
 
 
+def test_save_panels_png_gives_a_method_one_colour_in_every_panel(tmp_path: Path) -> None:
+    panels = {
+        name: {f"m{i}": [0.1 * i, 0.05 * i] for i in range(12)} for name in ("raw", "matched")
+    }
+    out = save_panels_png([100, 1000], panels, tmp_path / "p.png", xlabel="n", ylabel="Acc(C)",
+                          title="bench", logx=True)  # fmt: skip
+    _assert_png(out)
+
+
 def test_plot_input_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"\(N, 1, H, W\)"):
         save_image_grid(np.zeros((2, 3, 4, 4)), tmp_path / "g.png")
-    with pytest.raises(ValueError, match="not in ys_by_name"):
+    with pytest.raises(ValueError, match=r"error bars for \['b'\] in panel '' have no line"):
         save_lines_png(
             [1], {"a": [1]}, tmp_path / "l.png", xlabel="x", ylabel="y", yerr_by_name={"b": [0]}
         )
+    with pytest.raises(ValueError, match=r"error bars for \['a'\] in panel 'raw' have no line"):
+        save_panels_png([1], {"matched": {"a": [1]}}, tmp_path / "p.png", xlabel="x",
+                        ylabel="y", yerr_panels={"raw": {"a": [0]}})  # fmt: skip
     assert list(tmp_path.iterdir()) == []  # nothing written on error
 
 
