@@ -453,10 +453,11 @@ def _size_plot(cfg: BenchConfig, rows: Sequence[tuple[Trial, dict[str, Any]]]) -
     sizes = sorted({t.size for t, _ in rows if t.size is not None})
     if len(sizes) < 2:
         return None
-    ys: dict[str, dict[str, list[float]]] = {"raw Acc(C)": {}, "matched Acc(C)": {}}
-    errs: dict[str, dict[str, list[float]]] = {"raw Acc(C)": {}, "matched Acc(C)": {}}
+    key_of = {"raw Acc(C)": "acc_c", "matched Acc(C)": "acc_c_matched"}  # panel -> metric
+    ys: dict[str, dict[str, list[float]]] = {panel: {} for panel in key_of}
+    errs: dict[str, dict[str, list[float]]] = {panel: {} for panel in key_of}
     for method in cfg.methods:
-        for key, panel in (("acc_c", "raw Acc(C)"), ("acc_c_matched", "matched Acc(C)")):
+        for panel, key in key_of.items():
             means, stds = [], []
             for n in sizes:
                 vals = [float(m[key]) for t, m in rows

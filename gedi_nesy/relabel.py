@@ -149,9 +149,6 @@ class _Search:
             n_units[v] += 1
             counts[v] += self.usage[c]
 
-        def lack() -> float:
-            return sum(max(0.0, min_usage - n) for n in counts)
-
         def move(assign: list[tuple[int, int]]) -> None:
             for c, v in assign:
                 n_units[f[c]] -= 1
@@ -165,10 +162,12 @@ class _Search:
             improved = False
             for assign in self._moves(f, n_units):
                 touched = set().union(*(self.groups_of[c] for c, _ in assign))
-                before, old_lack = sum(self.group_value(g, f) for g in touched), lack()
+                before = sum(self.group_value(g, f) for g in touched)
+                old_lack = _lack(counts, min_usage)
                 undo = [(c, f[c]) for c, _ in assign]
                 move(assign)
-                gain, new_lack = sum(self.group_value(g, f) for g in touched) - before, lack()
+                gain = sum(self.group_value(g, f) for g in touched) - before
+                new_lack = _lack(counts, min_usage)
                 if new_lack < old_lack - _EPS or (new_lack <= old_lack + _EPS and gain > _EPS):
                     improved = True
                 else:
@@ -221,8 +220,12 @@ class _Search:
         (always, without a floor: the permutation search skips the sum)."""
         if self.min_usage <= 0.0:
             return True
-        short = sum(max(0.0, self.min_usage - c) for c in counts)  # inputs values still lack
-        return short <= self.free_after[step] + _EPS
+        return _lack(counts, self.min_usage) <= self.free_after[step] + _EPS
+
+
+def _lack(counts: Sequence[float], floor: float) -> float:
+    """The inputs the values still lack to hold ``floor`` each, given ``counts`` per value."""
+    return sum(max(0.0, floor - c) for c in counts)
 
 
 def _check(k: int, m: int, groups, max_nodes: int) -> None:
