@@ -6,9 +6,9 @@ three engines:
 * stock: DeepProbLog's ``train_model`` step (``TrainObject.get_loss``: ``Model.solve`` with the
   exact engine and its circuit cache, ``GraphSemiring.cross_entropy`` and a backward per query;
   the CNN runs once per query), then the optimiser step;
-* bridge: :class:`gedi_nesy.bridge.LogicModel` as the trainer uses it (one CNN forward over the
+* bridge: :class:`gedi_nesy.logic.dpl.LogicModel` as the trainer uses it (one CNN forward over the
   batch's images, DeepProbLog's solver on lookup tables, ``logic_loss``, one backward);
-* compiled: the same step with :class:`gedi_nesy.compiled.CompiledLogic`.
+* compiled: the same step with :class:`gedi_nesy.logic.compiled.CompiledLogic`.
 
 Tasks: single-digit (``programs/addition.pl``) and two-digit (``programs/multi_addition.pl``)
 addition, the full step and the logic alone (``query_probs`` + backward on fixed tables); then
@@ -20,8 +20,8 @@ first run compiles them).
 
 Four-digit addition (``--batches-4``, ``--stock-4``): DeepProbLog's step on single queries, each
 timed the first time its sum is seen, as in an epoch, where most of the 19,999 sums are new to its
-cache; against :class:`gedi_nesy.chain.ColumnChainLogic` (``logic.engine: column_chain``), timed
-as above. Example:
+cache; against :class:`gedi_nesy.logic.chain.ColumnChainLogic`
+(``logic.engine: column_chain``), timed as above. Example:
 
     python benchmarks/logic_speed.py --batches-1 4 --batches-2 1 --eval-stock 1 --batches-4 4
 """
@@ -45,10 +45,10 @@ from deepproblog.semiring.graph_semiring import GraphSemiring
 from deepproblog.train import TrainObject
 from problog.logic import Constant, Term, list2term
 
-from gedi_nesy.bridge import LogicModel, ProbabilityTable
-from gedi_nesy.chain import ColumnChainLogic
-from gedi_nesy.compiled import CompiledLogic
-from gedi_nesy.trainer import logic_loss, tensor_keys
+from gedi_nesy.logic.chain import ColumnChainLogic
+from gedi_nesy.logic.compiled import CompiledLogic
+from gedi_nesy.logic.dpl import LogicModel, ProbabilityTable
+from gedi_nesy.train.joint import logic_loss, tensor_keys
 
 PROGRAMS = Path(__file__).resolve().parents[1] / "programs"
 NETWORKS = {"digit_net": 10}

@@ -12,14 +12,14 @@ Public API:
     load_images     MNIST / Fashion-MNIST from raw IDX files
 """
 
-from gedi_nesy.bridge import LogicModel
-from gedi_nesy.chain import ColumnChainLogic
-from gedi_nesy.compiled import CompiledLogic
 from gedi_nesy.config import GediRunConfig, NesyRunConfig, load_config
 from gedi_nesy.data import load_images
 from gedi_nesy.errors import GediNesyError
-from gedi_nesy.nets import GEDINet
-from gedi_nesy.trainer import JointTrainer
+from gedi_nesy.gedi.nets import GEDINet
+from gedi_nesy.logic.chain import ColumnChainLogic
+from gedi_nesy.logic.compiled import CompiledLogic
+from gedi_nesy.logic.dpl import LogicModel
+from gedi_nesy.train.joint import JointTrainer
 
 __all__ = [
     "ColumnChainLogic",

@@ -63,7 +63,7 @@ def _print_table(metrics: dict[str, Any]) -> None:
 
 def _run_gedi(args: argparse.Namespace) -> dict[str, Any]:
     from gedi_nesy.config import GediRunConfig, load_config
-    from gedi_nesy.standalone import train_gedi
+    from gedi_nesy.train.standalone import train_gedi
 
     cfg = load_config(args.config, GediRunConfig, args.overrides)
     metrics = train_gedi(cfg, resume=args.resume, progress=not args.no_progress)
@@ -98,8 +98,8 @@ def build_task(params: dict[str, Any], data_root: str | None) -> Any:
 def _run_audit(args: argparse.Namespace) -> dict[str, Any]:
     import json
 
-    from gedi_nesy.audit import audit, audit_to_dict, format_audit
     from gedi_nesy.errors import ConfigError
+    from gedi_nesy.shortcuts.audit import audit, audit_to_dict, format_audit
 
     module = _task_module(args.task)
     if not hasattr(module, "audit_spec"):
@@ -113,7 +113,7 @@ def _run_audit(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_train(args: argparse.Namespace) -> dict[str, Any]:
     from gedi_nesy.config import NesyRunConfig, load_config
-    from gedi_nesy.experiment import run_training
+    from gedi_nesy.train.experiment import run_training
 
     cfg = load_config(args.config, NesyRunConfig, args.overrides)
     module = _task_module(cfg.task.get("name"))
@@ -131,16 +131,16 @@ def _task_audit(module: Any, params: dict[str, Any]) -> Any:
     """The shortcut audit of a task module's training data (limit 0: counts only), or None."""
     if not hasattr(module, "audit_spec"):
         return None
-    from gedi_nesy.audit import audit
+    from gedi_nesy.shortcuts.audit import audit
 
     return audit(*module.audit_spec(params), limit=0)
 
 
 def _run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    from gedi_nesy.audit import audit_to_dict
-    from gedi_nesy.bench import BenchConfig, run_bench
+    from gedi_nesy.bench.run import BenchConfig, run_bench
     from gedi_nesy.config import load_config
     from gedi_nesy.errors import TrainingError
+    from gedi_nesy.shortcuts.audit import audit_to_dict
 
     cfg = load_config(args.config, BenchConfig, args.overrides)
     task = cfg.base.get("task", {})

@@ -16,13 +16,23 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from gedi_nesy.augment import AugmentConfig
 from gedi_nesy.errors import ConfigError
 
 
 @dataclass
+class AugmentConfig:
+    """Ranges of the random per-image transforms."""
+
+    rotate_deg: float = 15.0  # uniform in [-rotate_deg, rotate_deg]
+    scale: tuple[float, float] = (0.85, 1.15)  # uniform zoom range
+    shear_deg: float = 10.0  # uniform in [-shear_deg, shear_deg]
+    translate: float = 0.12  # fraction of the half-width, uniform in [-t, t] per axis
+    noise_std: float = 0.05  # additive Gaussian pixel noise (data range [-1, 1])
+
+
+@dataclass
 class ModelConfig:
-    """The GEDI network (see :class:`gedi_nesy.nets.GEDINet`)."""
+    """The GEDI network (see :class:`gedi_nesy.gedi.nets.GEDINet`)."""
 
     k: int = 10  # values = domain size of the neural predicate (a joint run takes it from the task)
     width: int = 16  # encoder channels of the first layer
@@ -32,7 +42,7 @@ class ModelConfig:
     head: Literal["cosine", "linear"] = "cosine"
     norm: Literal["none", "group"] = "none"
     # prototypes per value; > 1 overclusters: the GEDI terms see k * clusters_per_value clusters
-    # and a value's probability is the sum of its clusters' (gedi_nesy.nets)
+    # and a value's probability is the sum of its clusters' (gedi_nesy.gedi.nets)
     clusters_per_value: int = 1
 
 
@@ -134,7 +144,8 @@ class NesyOptimConfig:
     # ranges); evaluation always uses the images
     logic_view: Literal["clean", "augmented"] = "clean"
     # every this many steps after gedi_only_steps, rename the concept values by the permutation
-    # under which the program proves the most training queries (gedi_nesy.relabel); 0: never.
+    # under which the program proves the most training queries (gedi_nesy.shortcuts.relabel);
+    # 0: never.
     # With model.clusters_per_value > 1 it re-assigns each cluster a value instead
     relabel_every: int = 0
     # overclustered relabelling: only cluster maps under which every value is predicted for at
@@ -147,7 +158,7 @@ class LogicConfig:
     """Which exact-inference engine evaluates the program."""
 
     # compiled: one circuit per query template; deepproblog: its own per-query solve;
-    # column_chain: N-digit add/3 as a chain of compiled column/5 circuits (gedi_nesy.chain)
+    # column_chain: N-digit add/3 as a chain of compiled column/5 circuits (gedi_nesy.logic.chain)
     engine: Literal["compiled", "deepproblog", "column_chain"] = "compiled"
     cache_dir: str | None = None  # compiled circuits; None: ~/.cache/gedi_nesy/compiled
     eval_batch: int = 256  # queries per evaluation call

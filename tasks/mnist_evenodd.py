@@ -36,10 +36,10 @@ import torch
 from deepproblog.query import Query
 from problog.logic import Constant, Term
 
-from gedi_nesy.audit import AuditSpec
 from gedi_nesy.config import from_dict
 from gedi_nesy.data import load_images
 from gedi_nesy.errors import ConfigError, DataError
+from gedi_nesy.shortcuts.audit import AuditSpec
 from gedi_nesy.task import TaskData
 
 PROGRAMS = Path(__file__).resolve().parents[1] / "programs"
@@ -293,7 +293,7 @@ def world_audit_spec(task: WorldTask) -> AuditSpec:
         task: the task.
 
     Returns:
-        The :class:`~gedi_nesy.audit.AuditSpec`; a world's label is its sum.
+        The :class:`~gedi_nesy.shortcuts.audit.AuditSpec`; a world's label is its sum.
     """
     worlds = [((a, b), a + b) for a, b in task.train_worlds]
     return AuditSpec(task.program, NETWORK, len(task.digits), worlds, sum_query)
@@ -331,7 +331,8 @@ def build_ood(params: dict[str, Any]) -> OODSplit:
 
 
 def audit_spec(params: dict[str, Any]) -> AuditSpec:
-    """What ``gedi_nesy.audit.audit`` needs for MNIST-EvenOdd (its 16 worlds and their sums).
+    """What ``gedi_nesy.shortcuts.audit.audit`` needs for MNIST-EvenOdd (its 16 worlds and their
+    sums).
 
     Args:
         params: the ``task:`` section (checked; the audit does not depend on it).

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gedi_nesy.audit import AuditSpec
 from gedi_nesy.config import from_dict
+from gedi_nesy.shortcuts.audit import AuditSpec
 from gedi_nesy.task import TaskData
 from tasks.mnist_evenodd import (
     PROGRAMS,
@@ -72,7 +72,7 @@ def build_ood(params: dict[str, Any]) -> OODSplit:
 
 
 def audit_spec(params: dict[str, Any]) -> AuditSpec:
-    """What ``gedi_nesy.audit.audit`` needs for MNIST-Half (its 7 worlds and their sums).
+    """What ``gedi_nesy.shortcuts.audit.audit`` needs for MNIST-Half (its 7 worlds and their sums).
 
     Args:
         params: the ``task:`` section (checked; the audit does not depend on it).

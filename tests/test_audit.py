@@ -13,7 +13,8 @@ import pytest
 from deepproblog.query import Query
 from problog.logic import Constant, Term
 
-from gedi_nesy.audit import (
+from gedi_nesy.errors import ConfigError, ProgramError
+from gedi_nesy.shortcuts.audit import (
     AuditResult,
     ProgramOracle,
     assignment_order,
@@ -22,7 +23,6 @@ from gedi_nesy.audit import (
     find_concept_maps,
     format_audit,
 )
-from gedi_nesy.errors import ConfigError, ProgramError
 from tasks import mnist_evenodd, mnist_half
 
 # three ordered symbols; less(X, Y, yes) iff X's level is below Y's. No arithmetic.

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gedi_nesy.bench import (
+from gedi_nesy.bench.run import (
     BenchConfig,
     Trial,
     mean_std,

@@ -1,4 +1,4 @@
-"""gedi_nesy.bridge: program checks, lookup tables, query and answer probabilities, semiring.
+"""gedi_nesy.logic.dpl: program checks, lookup tables, query and answer probabilities, semiring.
 
 Fixed table (tests/conftest.py): image 0 is digit 1 (0.4) or 2 (0.6); image 1 is 3 or 4 (0.5
 each); image 2 is 0 (0.1) or 9 (0.9); image 3 is 7 (1.0); images 4-7 are dense.
@@ -13,7 +13,8 @@ import torch
 from deepproblog.query import Query
 from problog.logic import Constant, Term, Var
 
-from gedi_nesy.bridge import (
+from gedi_nesy.errors import DataError, ProgramError
+from gedi_nesy.logic.dpl import (
     ExactZeroSemiring,
     LogicModel,
     NeuralDeclaration,
@@ -21,7 +22,6 @@ from gedi_nesy.bridge import (
     check_program,
     parse_neural_declarations,
 )
-from gedi_nesy.errors import DataError, ProgramError
 
 PROGRAMS = Path(__file__).resolve().parents[1] / "programs"
 DIGITS = {"digit_net": 10}

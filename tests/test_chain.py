@@ -1,5 +1,5 @@
-"""The column-chain engine (gedi_nesy/chain.py): the same probabilities, gradients and answers as
-the program's own add/3 compiled in number form, hand-computed values, and its refusals.
+"""The column-chain engine (gedi_nesy/logic/chain.py): the same probabilities, gradients and
+answers as the program's own add/3 compiled in number form, hand-computed values, and its refusals.
 
 Fixed table (tests/conftest.py): image 0 is digit 1 (0.4) or 2 (0.6); image 1 is 3 or 4 (0.5
 each); image 2 is 0 (0.1) or 9 (0.9); image 3 is 7 (1.0); images 4-7 are dense.
@@ -13,10 +13,10 @@ import pytest
 import torch
 from problog.logic import Constant, Term, list2term
 
-from gedi_nesy.bridge import ProbabilityTable
-from gedi_nesy.chain import ColumnChainLogic, chain_probs, sum_distribution
-from gedi_nesy.compiled import CompiledLogic
 from gedi_nesy.errors import DataError, ProgramError
+from gedi_nesy.logic.chain import ColumnChainLogic, chain_probs, sum_distribution
+from gedi_nesy.logic.compiled import CompiledLogic
+from gedi_nesy.logic.dpl import ProbabilityTable
 
 PROGRAMS = Path(__file__).resolve().parents[1] / "programs"
 MULTI = (PROGRAMS / "multi_addition.pl").read_text()

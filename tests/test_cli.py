@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import gedi_nesy.standalone as standalone
+import gedi_nesy.train.standalone as standalone
 from gedi_nesy.cli import main
-from gedi_nesy.runtime import load_checkpoint
+from gedi_nesy.train.runtime import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs/smoke.yaml")

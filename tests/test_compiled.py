@@ -1,4 +1,4 @@
-"""Compiled exact inference (gedi_nesy/compiled.py) against stock DeepProbLog.
+"""Compiled exact inference (gedi_nesy/logic/compiled.py) against stock DeepProbLog.
 
 Every comparison builds DeepProbLog's own model (stock Network, GraphSemiring, ``set_engine``,
 ``Model.solve``) on the same fixed tables and checks probabilities (to 1e-9 in float64) and
@@ -25,9 +25,9 @@ from deepproblog.network import Network
 from deepproblog.query import Query
 from problog.logic import Constant, Term, Var, list2term
 
-from gedi_nesy.bridge import ProbabilityTable
-from gedi_nesy.compiled import CompiledLogic, default_cache_dir, query_template
 from gedi_nesy.errors import DataError, ProgramError
+from gedi_nesy.logic.compiled import CompiledLogic, default_cache_dir, query_template
+from gedi_nesy.logic.dpl import ProbabilityTable
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = ROOT / "programs"
@@ -364,8 +364,8 @@ import json, sys
 from pathlib import Path
 import torch
 from problog.logic import Constant, Term
-from gedi_nesy.bridge import ProbabilityTable
-from gedi_nesy.compiled import CompiledLogic
+from gedi_nesy.logic.dpl import ProbabilityTable
+from gedi_nesy.logic.compiled import CompiledLogic
 
 img = lambda i: Term("tensor", Term("img", Constant(i)))
 logic = CompiledLogic(Path(sys.argv[1]), {"digit_net": 10}, cache_dir=sys.argv[2])

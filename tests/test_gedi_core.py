@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from gedi_nesy.augment import AugmentConfig, two_views
-from gedi_nesy.energy import class_energy, energy
+from gedi_nesy.config import AugmentConfig
 from gedi_nesy.errors import TrainingError
-from gedi_nesy.losses import (
+from gedi_nesy.gedi.augment import two_views
+from gedi_nesy.gedi.energy import class_energy, energy
+from gedi_nesy.gedi.losses import (
     GediLoss,
     GediWeights,
     active_parts,
@@ -21,9 +22,9 @@ from gedi_nesy.losses import (
     swav_loss,
     weighted_total,
 )
-from gedi_nesy.nets import GEDINet, pool_values
-from gedi_nesy.sgld import ReplayBuffer, sgld_sample
-from gedi_nesy.sinkhorn import sinkhorn
+from gedi_nesy.gedi.nets import GEDINet, pool_values
+from gedi_nesy.gedi.sgld import ReplayBuffer, sgld_sample
+from gedi_nesy.gedi.sinkhorn import sinkhorn
 
 
 def test_energy_is_negative_logsumexp():
@@ -203,7 +204,7 @@ def test_pool_values_sums_cluster_probabilities():
 def test_an_overclustered_gedinet_trains_its_clusters_and_answers_in_values():
     from gedi_nesy.config import GediConfig, SGLDConfig
     from gedi_nesy.errors import ConfigError
-    from gedi_nesy.objective import GediObjective
+    from gedi_nesy.gedi.objective import GediObjective
 
     torch.manual_seed(0)
     net = GEDINet(3, width=4, feature_dim=16, proj_dim=8, clusters_per_value=2)
@@ -246,7 +247,7 @@ def test_identity_augmentation_keeps_the_image():
 def test_gedi_weights_must_be_finite_and_non_negative(field, value):
     from gedi_nesy.config import GediConfig
     from gedi_nesy.errors import ConfigError
-    from gedi_nesy.objective import gedi_weights
+    from gedi_nesy.gedi.objective import gedi_weights
 
     with pytest.raises(ConfigError, match=f"gedi.{field} = .*finite number >= 0"):
         gedi_weights(GediConfig(**{field: value}))
@@ -255,7 +256,7 @@ def test_gedi_weights_must_be_finite_and_non_negative(field, value):
 
 
 def test_marginal_entropy_loss_is_0_at_uniform_and_1_under_collapse():
-    from gedi_nesy.losses import marginal_entropy_loss
+    from gedi_nesy.gedi.losses import marginal_entropy_loss
 
     uniform = torch.eye(4).repeat(2, 1) * 50.0  # each of 4 classes used by 2 of 8 samples
     collapsed = torch.zeros(8, 4)
@@ -268,7 +269,7 @@ def test_marginal_entropy_loss_is_0_at_uniform_and_1_under_collapse():
 
 def test_clean_view_puts_the_prior_on_the_images_the_logic_sees():
     from gedi_nesy.config import GediConfig, SGLDConfig
-    from gedi_nesy.objective import GediObjective
+    from gedi_nesy.gedi.objective import GediObjective
 
     torch.manual_seed(0)
     net = GEDINet(5, width=4, feature_dim=16, proj_dim=8)
@@ -286,7 +287,7 @@ def test_clean_view_puts_the_prior_on_the_images_the_logic_sees():
 def test_prior_target_sets_the_marginal_l_prior_matches():
     from gedi_nesy.config import GediConfig, SGLDConfig
     from gedi_nesy.errors import ConfigError
-    from gedi_nesy.objective import GediObjective
+    from gedi_nesy.gedi.objective import GediObjective
 
     torch.manual_seed(0)
     net = GEDINet(5, width=4, feature_dim=16, proj_dim=8)

@@ -16,7 +16,7 @@ from deepproblog.query import Query
 from problog.formula import LogicDAG, LogicFormula
 from problog.logic import Constant, Term, list2term
 
-from gedi_nesy.bridge import LogicModel, ProbabilityTable
+from gedi_nesy.logic.dpl import LogicModel, ProbabilityTable
 
 PROGRAMS = Path(__file__).resolve().parents[1] / "programs"
 NETWORKS = {"digit_net": 10}

@@ -12,14 +12,13 @@ import torch
 from deepproblog.query import Query
 from problog.logic import Constant, Term
 
-from gedi_nesy.augment import AugmentConfig
-from gedi_nesy.compiled import CompiledLogic
-from gedi_nesy.config import GediConfig, NesyOptimConfig, SGLDConfig
+from gedi_nesy.config import AugmentConfig, GediConfig, NesyOptimConfig, SGLDConfig
 from gedi_nesy.errors import ConfigError
-from gedi_nesy.experiment import _FitState, _relabel, _relabel_due, _validate
-from gedi_nesy.nets import pool_values
-from gedi_nesy.relabel import Relabelling, best_cluster_map, best_permutation
-from gedi_nesy.trainer import JointTrainer
+from gedi_nesy.gedi.nets import pool_values
+from gedi_nesy.logic.compiled import CompiledLogic
+from gedi_nesy.shortcuts.relabel import Relabelling, best_cluster_map, best_permutation
+from gedi_nesy.train.experiment import _FitState, _relabel, _relabel_due, _validate
+from gedi_nesy.train.joint import JointTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 ADDITION = ROOT / "programs/addition.pl"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import gedi_nesy.runtime as runtime
+import gedi_nesy.train.runtime as runtime
 from gedi_nesy.errors import TrainingError
-from gedi_nesy.loop import batch_indices, lr_factor
-from gedi_nesy.runtime import load_checkpoint, save_checkpoint
+from gedi_nesy.train.loop import batch_indices, lr_factor
+from gedi_nesy.train.runtime import load_checkpoint, save_checkpoint
 
 
 def test_a_kill_during_a_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
@@ -54,7 +54,7 @@ def test_lr_factors():
 
 
 def test_resume_refuses_a_different_config(tmp_path):
-    from gedi_nesy.runtime import check_resume_config
+    from gedi_nesy.train.runtime import check_resume_config
 
     saved = {"name": "a", "optim": {"lr": 0.001, "steps": 10}, "model": {"width": 16}}
     same = {"name": "b", "optim": {"lr": 0.001, "steps": 10}, "model": {"width": 16}}

@@ -17,15 +17,14 @@ from deepproblog.query import Query
 from deepproblog.train import TrainObject
 from problog.logic import Constant, Term
 
-import gedi_nesy.experiment as experiment
-from gedi_nesy.augment import AugmentConfig
-from gedi_nesy.augment import augment as random_view
-from gedi_nesy.bridge import LogicModel
+import gedi_nesy.train.experiment as experiment
 from gedi_nesy.cli import main
-from gedi_nesy.compiled import CompiledLogic
-from gedi_nesy.config import GediConfig, NesyOptimConfig, SGLDConfig
-from gedi_nesy.nets import GEDINet
-from gedi_nesy.trainer import JointTrainer, logic_loss, tensor_keys
+from gedi_nesy.config import AugmentConfig, GediConfig, NesyOptimConfig, SGLDConfig
+from gedi_nesy.gedi.augment import augment as random_view
+from gedi_nesy.gedi.nets import GEDINet
+from gedi_nesy.logic.compiled import CompiledLogic
+from gedi_nesy.logic.dpl import LogicModel
+from gedi_nesy.train.joint import JointTrainer, logic_loss, tensor_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 ADDITION = ROOT / "programs/addition.pl"

@@ -14,15 +14,17 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from gedi_nesy.bridge import LogicModel
-from gedi_nesy.chain import ColumnChainLogic
-from gedi_nesy.compiled import CompiledLogic
 from gedi_nesy.config import LogicConfig, NesyOptimConfig, NesyRunConfig, to_dict, with_defaults
 from gedi_nesy.errors import ConfigError
-from gedi_nesy.loop import StepLog, batch_indices
-from gedi_nesy.metrics import cluster_usage, concept_report, confusion_matrix
+from gedi_nesy.logic.chain import ColumnChainLogic
+from gedi_nesy.logic.compiled import CompiledLogic
+from gedi_nesy.logic.dpl import LogicModel
 from gedi_nesy.plots import save_confusion_png
-from gedi_nesy.runtime import (
+from gedi_nesy.shortcuts.metrics import cluster_usage, concept_report, confusion_matrix
+from gedi_nesy.task import TaskData
+from gedi_nesy.train.joint import JointTrainer, tensor_keys
+from gedi_nesy.train.loop import StepLog, batch_indices
+from gedi_nesy.train.runtime import (
     atomic_write_json,
     check_resume_config,
     load_checkpoint,
@@ -31,9 +33,7 @@ from gedi_nesy.runtime import (
     set_rng_state,
     start_run,
 )
-from gedi_nesy.standalone import build_net
-from gedi_nesy.task import TaskData
-from gedi_nesy.trainer import JointTrainer, tensor_keys
+from gedi_nesy.train.standalone import build_net
 
 
 def build_logic(cfg: LogicConfig, task: TaskData) -> LogicModel | CompiledLogic | ColumnChainLogic:

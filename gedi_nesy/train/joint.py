@@ -24,16 +24,15 @@ import torch.nn.functional as F
 from deepproblog.query import Query
 from problog.logic import Term
 
-from gedi_nesy.augment import AugmentConfig
-from gedi_nesy.augment import augment as random_view
-from gedi_nesy.bridge import ProbabilityTable
-from gedi_nesy.compiled import query_term
-from gedi_nesy.config import GediConfig, NesyOptimConfig, SGLDConfig
+from gedi_nesy.config import AugmentConfig, GediConfig, NesyOptimConfig, SGLDConfig
 from gedi_nesy.errors import ConfigError
-from gedi_nesy.loop import check_finite, lr_factor
-from gedi_nesy.losses import GediLoss, active_parts, marginal_entropy_loss, weighted_total
-from gedi_nesy.objective import GediObjective
-from gedi_nesy.relabel import Relabelling, best_cluster_map, best_permutation
+from gedi_nesy.gedi.augment import augment as random_view
+from gedi_nesy.gedi.losses import GediLoss, active_parts, marginal_entropy_loss, weighted_total
+from gedi_nesy.gedi.objective import GediObjective
+from gedi_nesy.logic.compiled import query_term
+from gedi_nesy.logic.dpl import ProbabilityTable
+from gedi_nesy.shortcuts.relabel import Relabelling, best_cluster_map, best_permutation
+from gedi_nesy.train.loop import check_finite, lr_factor
 
 LOGIC_EPS = 1e-12  # DeepProbLog's cross_entropy adds this inside the log
 
@@ -73,8 +72,8 @@ class JointTrainer:
 
     Args:
         logic: engine with ``query_probs(queries, tables) -> (probs (Q,), provable (Q,))`` and
-            ``best_answers(queries, tables)``: :class:`gedi_nesy.compiled.CompiledLogic` or
-            :class:`gedi_nesy.bridge.LogicModel`.
+            ``best_answers(queries, tables)``: :class:`gedi_nesy.logic.compiled.CompiledLogic` or
+            :class:`gedi_nesy.logic.dpl.LogicModel`.
         nets: network name -> module returning logits (B, K) (a :class:`GEDINet` or any module).
         sources: tensor-source name -> images (N, C, H, W); ``tensor(src(i))`` is
             ``sources[src][i]``.
@@ -298,18 +297,20 @@ class JointTrainer:
     @torch.no_grad()
     def relabel(self, queries: Sequence[Query], max_nodes: int = 200_000) -> Relabelling:
         """Rename the network's output units by the naming under which the program proves the
-        most of ``queries`` with the predicted (argmax) units; see :mod:`gedi_nesy.relabel`.
+        most of ``queries`` with the predicted (argmax) units; see
+        :mod:`gedi_nesy.shortcuts.relabel`.
 
         With one unit per value the naming is a permutation: it moves the rows of the output
         layer (``head``) and of their optimiser state, so the network computes the same
         clusters under the new names. With more clusters than values (an overclustered
-        :class:`~gedi_nesy.nets.GEDINet`) it re-assigns each cluster a value
+        :class:`~gedi_nesy.gedi.nets.GEDINet`) it re-assigns each cluster a value
         (``value_of_cluster``) by the map that proves the most among those that predict every
         value for at least ``optim.relabel_min_share / K`` of the images. Needs exactly one
         network with a ``head`` linear layer.
 
         Returns:
-            The :class:`~gedi_nesy.relabel.Relabelling`, already applied; scores count queries.
+            The :class:`~gedi_nesy.shortcuts.relabel.Relabelling`, already applied; scores count
+            queries.
         """
         head = self._relabel_head()
         if head is None:

@@ -46,9 +46,9 @@ from tqdm import tqdm
 
 from gedi_nesy.config import NesyRunConfig, from_dict, to_dict, with_defaults
 from gedi_nesy.errors import ConfigError, TrainingError
-from gedi_nesy.metrics import rs_rate
 from gedi_nesy.plots import save_confusion_png, save_panels_png
-from gedi_nesy.runtime import atomic_write_json, atomic_write_text, config_difference
+from gedi_nesy.shortcuts.metrics import rs_rate
+from gedi_nesy.train.runtime import atomic_write_json, atomic_write_text, config_difference
 
 # metric key in metrics.json -> column heading of summary.md
 DEFAULT_COLUMNS = {
@@ -275,7 +275,7 @@ def run_bench(
     Args:
         cfg: the bench config.
         jobs: trials run in parallel (each its own process with ``optim.threads`` threads).
-        audit: the task's shortcut audit (:func:`gedi_nesy.audit.audit_to_dict`), or None.
+        audit: the task's shortcut audit (:func:`gedi_nesy.shortcuts.audit.audit_to_dict`), or None.
         progress: show a progress bar over trials.
 
     Returns:

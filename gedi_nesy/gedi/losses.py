@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from gedi_nesy.sinkhorn import sinkhorn
+from gedi_nesy.gedi.sinkhorn import sinkhorn
 
 
 class GediLoss(NamedTuple):

@@ -9,8 +9,9 @@ perfect training accuracy with the wrong concepts.
 
 Two parts: :func:`find_concept_maps`, a pure backtracking search over a ``satisfied(concepts,
 label) -> bool`` callable, and :class:`ProgramOracle`, which answers that callable with the
-program's own semantics (exact DeepProbLog inference through :class:`~gedi_nesy.bridge.LogicModel`
-with one-hot probability tables), so no task arithmetic is hard-coded. :func:`audit` joins them.
+program's own semantics (exact DeepProbLog inference through
+:class:`~gedi_nesy.logic.dpl.LogicModel` with one-hot probability tables), so no task
+arithmetic is hard-coded. :func:`audit` joins them.
 
 The search assigns the concepts one at a time, in an order that completes worlds early
 (:func:`assignment_order`); after each assignment it checks every world whose concepts are now
@@ -29,8 +30,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from gedi_nesy.bridge import LogicModel, ProbabilityTable
 from gedi_nesy.errors import ConfigError, ProgramError
+from gedi_nesy.logic.dpl import LogicModel, ProbabilityTable
 
 if TYPE_CHECKING:
     from deepproblog.query import Query

@@ -6,7 +6,7 @@ values are the clusters. With more (overclustering, ``clusters_per_value > 1``) 
 ``M = K * clusters_per_value`` prototypes, ``cluster_logits`` returns their (B, M) logits (what
 the GEDI terms train) and a value's probability is the sum of its clusters' probabilities, by
 the buffer ``value_of_cluster`` (cluster ``c`` starts on value ``c mod K``; relabelling may
-re-assign it, :mod:`gedi_nesy.relabel`). No BatchNorm: batch statistics make SGLD and
+re-assign it, :mod:`gedi_nesy.shortcuts.relabel`). No BatchNorm: batch statistics make SGLD and
 per-query evaluation inconsistent, so the encoder uses no normalisation or GroupNorm.
 """
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gedi_nesy.energy import energy
+from gedi_nesy.gedi.energy import energy
 
 
 def _norm(kind: str, channels: int) -> nn.Module:

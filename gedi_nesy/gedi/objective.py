@@ -1,7 +1,7 @@
 """The GEDI objective on a batch of images: augmentations, SGLD samples, one batched forward.
 
 :class:`GediObjective` owns the state the pure loss functions need (the replay buffer and the random
-generators) and returns the unweighted parts as a :class:`~gedi_nesy.losses.GediLoss`. Both the
+generators) and returns the unweighted parts as a :class:`~gedi_nesy.gedi.losses.GediLoss`. Both the
 standalone trainer and the joint DeepProbLog trainer call it.
 """
 
@@ -13,12 +13,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from gedi_nesy.augment import AugmentConfig, two_views
-from gedi_nesy.augment import augment as random_view
-from gedi_nesy.config import GediConfig, SGLDConfig
-from gedi_nesy.energy import energy
+from gedi_nesy.config import AugmentConfig, GediConfig, SGLDConfig
 from gedi_nesy.errors import ConfigError
-from gedi_nesy.losses import (
+from gedi_nesy.gedi.augment import augment as random_view
+from gedi_nesy.gedi.augment import two_views
+from gedi_nesy.gedi.energy import energy
+from gedi_nesy.gedi.losses import (
     GediLoss,
     GediWeights,
     energy_penalty,
@@ -27,7 +27,7 @@ from gedi_nesy.losses import (
     prior_loss,
     swav_loss,
 )
-from gedi_nesy.sgld import ReplayBuffer, sgld_sample
+from gedi_nesy.gedi.sgld import ReplayBuffer, sgld_sample
 
 
 def gedi_weights(cfg: GediConfig) -> GediWeights:
@@ -72,7 +72,7 @@ class GediObjective:
     Args:
         net: module with ``forward(x) -> logits (B, K)`` and a temperature ``tau``; the terms
             train its ``cluster_logits(x)`` (B, M) when it has them (an overclustered
-            :class:`~gedi_nesy.nets.GEDINet`), its ``forward`` otherwise.
+            :class:`~gedi_nesy.gedi.nets.GEDINet`), its ``forward`` otherwise.
         gedi: objective config.
         sgld: sampler config.
         augment: augmentation config.

@@ -35,8 +35,8 @@ import itertools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from gedi_nesy.audit import assignment_order
 from gedi_nesy.errors import ConfigError
+from gedi_nesy.shortcuts.audit import assignment_order
 
 __all__ = ["Relabelling", "best_cluster_map", "best_permutation"]
 

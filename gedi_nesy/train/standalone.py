@@ -17,13 +17,13 @@ from tqdm import tqdm
 from gedi_nesy.config import GediRunConfig, ModelConfig, to_dict, with_defaults
 from gedi_nesy.data import load_images
 from gedi_nesy.errors import ConfigError
-from gedi_nesy.loop import StepLog, batch_indices, check_finite, warmup_cosine
-from gedi_nesy.losses import active_parts, weighted_total
-from gedi_nesy.metrics import clustering_report, ood_auroc
-from gedi_nesy.nets import GEDINet
-from gedi_nesy.objective import GediObjective
+from gedi_nesy.gedi.losses import active_parts, weighted_total
+from gedi_nesy.gedi.nets import GEDINet
+from gedi_nesy.gedi.objective import GediObjective
 from gedi_nesy.plots import save_image_grid
-from gedi_nesy.runtime import (
+from gedi_nesy.shortcuts.metrics import clustering_report, ood_auroc
+from gedi_nesy.train.loop import StepLog, batch_indices, check_finite, warmup_cosine
+from gedi_nesy.train.runtime import (
     atomic_write_json,
     check_resume_config,
     load_checkpoint,

@@ -8,21 +8,11 @@ not used: they change a digit's identity.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class AugmentConfig:
-    """Ranges of the random per-image transforms."""
-
-    rotate_deg: float = 15.0  # uniform in [-rotate_deg, rotate_deg]
-    scale: tuple[float, float] = (0.85, 1.15)  # uniform zoom range
-    shear_deg: float = 10.0  # uniform in [-shear_deg, shear_deg]
-    translate: float = 0.12  # fraction of the half-width, uniform in [-t, t] per axis
-    noise_std: float = 0.05  # additive Gaussian pixel noise (data range [-1, 1])
+from gedi_nesy.config import AugmentConfig
 
 
 def _uniform(n: int, low: float, high: float, generator, device) -> torch.Tensor:

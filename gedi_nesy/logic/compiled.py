@@ -24,10 +24,10 @@ cannot hold the AD complements ``1 - sum p``, which DeepProbLog evaluates and wh
 slightly below 0). A product of 2N table entries underflows float32 only below ~1e-38, that is
 where -log p > 87; DeepProbLog underflows at the same point.
 Differences from stock DeepProbLog: ``x * 0.0`` with a plain-float zero is dropped (as
-:class:`gedi_nesy.bridge.ExactZeroSemiring` does; the same values and gradients for finite
+:class:`gedi_nesy.logic.dpl.ExactZeroSemiring` does; the same values and gradients for finite
 inputs), and sums and products are re-associated, so results agree to rounding (~1e-16
 relative in float64). On CUDA the scatter-add sums in no fixed order (last-bit differences).
-Not supported, as in :func:`gedi_nesy.bridge.check_program`: ``t(...)`` learnable
+Not supported, as in :func:`gedi_nesy.logic.dpl.check_program`: ``t(...)`` learnable
 probabilities, ``nn/3`` / ``nn/2``, networks with several inputs, DeepProbLog's tensor builtins.
 """
 
@@ -53,14 +53,14 @@ from problog.formula import LogicDAG, LogicFormula
 from problog.logic import Constant, Term, term2list
 from problog.sdd_formula import SDD
 
-from gedi_nesy.bridge import (
+from gedi_nesy.errors import DataError, ProgramError
+from gedi_nesy.logic.dpl import (
     ProbabilityTable,
     QueryProbs,
     answer_columns,
     check_program,
     program_text,
 )
-from gedi_nesy.errors import DataError, ProgramError
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)  # deepproblog.engines: "PySwip could not be found"
@@ -192,7 +192,7 @@ class _Recorder(Semiring):
     """DeepProbLog's GraphSemiring arithmetic, recorded as a hash-consed DAG.
 
     Plain floats are folded exactly as GraphSemiring folds them (0 + x, 1 * x, float op float);
-    ``x * 0.0`` is 0.0 as in :class:`gedi_nesy.bridge.ExactZeroSemiring`. Everything else
+    ``x * 0.0`` is 0.0 as in :class:`gedi_nesy.logic.dpl.ExactZeroSemiring`. Everything else
     becomes a node ``("add" | "mul" | "div", a, b)``, ``("neg", a)`` (1 - a), ``("const", v)`` or
     ``("leaf", network, inputs, j)`` (column j of the network's output on ``inputs``).
     """
@@ -878,7 +878,7 @@ def _instance_query(query: Query | Term, open_output: bool) -> tuple[Query, int]
 class CompiledLogic:
     """A ProbLog program with lookup neural predicates, solved by compiled exact inference.
 
-    A drop-in for :class:`gedi_nesy.bridge.LogicModel` (same methods, same results to rounding):
+    A drop-in for :class:`gedi_nesy.logic.dpl.LogicModel` (same methods, same results to rounding):
     each query template is compiled once (see the module docstring), kept in memory and in a
     :class:`CircuitCache` on disk, and every call evaluates all its queries, whatever their
     templates, in one batched pass with autograd to the tables.
@@ -886,7 +886,7 @@ class CompiledLogic:
     Args:
         program: a ``pathlib.Path`` to a .pl file, or the program text as a ``str``.
         networks: network name -> number of outputs K; checked by
-            :func:`gedi_nesy.bridge.check_program`.
+            :func:`gedi_nesy.logic.dpl.check_program`.
         device: where the logic runs; None: where the tables are.
         cache_dir: folder of compiled circuits; None: :func:`default_cache_dir`.
         sdd_auto_gc: let the SDD library minimise circuits while compiling (smaller circuits;
@@ -923,7 +923,7 @@ class CompiledLogic:
     def _grounding_solver(self) -> Solver:
         """DeepProbLog's exact engine over the program, built on the first cache miss.
 
-        As in :class:`gedi_nesy.bridge.LogicModel`, DeepProbLog's tensor builtins are not
+        As in :class:`gedi_nesy.logic.dpl.LogicModel`, DeepProbLog's tensor builtins are not
         registered (``add/3`` stays free for programs).
         """
         if self._solver is None:

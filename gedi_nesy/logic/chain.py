@@ -11,7 +11,7 @@ are independent, and a digit assignment fixes the carry path, so the paths are d
     M_j[c, c'] = P(column(A_j, B_j, c, d_j, c')),
 
 exactly. :class:`ColumnChainLogic` evaluates the program's own ``column/5`` with
-:class:`~gedi_nesy.compiled.CompiledLogic` (2 x base x 2 = 40 small templates, compiled once)
+:class:`~gedi_nesy.logic.compiled.CompiledLogic` (2 x base x 2 = 40 small templates, compiled once)
 and multiplies the 2 x 2 matrices for the whole minibatch at once. The distribution over all
 sums comes from the same columns with the digit left open: a forward pass over (carry, partial
 sum) with 2 x base^N states per query (20,000 at N = 4).
@@ -31,9 +31,9 @@ import torch
 from deepproblog.query import Query
 from problog.logic import Constant, Term, list2term, term2list
 
-from gedi_nesy.bridge import ProbabilityTable, QueryProbs, answer_columns
-from gedi_nesy.compiled import CompiledLogic, query_term
 from gedi_nesy.errors import DataError, ProgramError
+from gedi_nesy.logic.compiled import CompiledLogic, query_term
+from gedi_nesy.logic.dpl import ProbabilityTable, QueryProbs, answer_columns
 
 __all__ = ["ColumnChainLogic", "chain_probs", "sum_distribution"]
 
@@ -78,7 +78,7 @@ def sum_distribution(cells: torch.Tensor) -> torch.Tensor:
 class ColumnChainLogic:
     """N-digit addition programs solved exactly as chains of compiled ``column/5`` circuits.
 
-    A drop-in for :class:`~gedi_nesy.compiled.CompiledLogic` on ``add(As, Bs, S)`` queries
+    A drop-in for :class:`~gedi_nesy.logic.compiled.CompiledLogic` on ``add(As, Bs, S)`` queries
     (``query_probs``, ``answer_probs``, ``best_answers``); see the module docstring.
 
     Args:
