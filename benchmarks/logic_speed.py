@@ -47,8 +47,9 @@ from problog.logic import Constant, Term, list2term
 
 from gedi_nesy.logic.chain import ColumnChainLogic
 from gedi_nesy.logic.compiled import CompiledLogic
-from gedi_nesy.logic.dpl import LogicModel, ProbabilityTable
-from gedi_nesy.train.joint import logic_loss, tensor_keys
+from gedi_nesy.logic.dpl import LogicModel
+from gedi_nesy.logic.program import ProbabilityTable, tensor_keys
+from gedi_nesy.train.joint import logic_loss
 
 PROGRAMS = Path(__file__).resolve().parents[1] / "programs"
 NETWORKS = {"digit_net": 10}

@@ -74,7 +74,7 @@ def img() -> Callable[[int], Any]:
 @pytest.fixture
 def digit_table(digit_probs: torch.Tensor, img: Callable[[int], Any]) -> dict[str, Any]:
     """``{"digit_net": ProbabilityTable}`` over the 8 fixed images."""
-    from gedi_nesy.logic.dpl import ProbabilityTable
+    from gedi_nesy.logic.program import ProbabilityTable
 
     keys = [img(i) for i in range(digit_probs.shape[0])]
     return {"digit_net": ProbabilityTable(keys, digit_probs)}

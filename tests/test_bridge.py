@@ -14,9 +14,8 @@ from deepproblog.query import Query
 from problog.logic import Constant, Term, Var
 
 from gedi_nesy.errors import DataError, ProgramError
-from gedi_nesy.logic.dpl import (
-    ExactZeroSemiring,
-    LogicModel,
+from gedi_nesy.logic.dpl import ExactZeroSemiring, LogicModel
+from gedi_nesy.logic.program import (
     NeuralDeclaration,
     ProbabilityTable,
     check_program,

@@ -16,7 +16,7 @@ from problog.logic import Constant, Term, list2term
 from gedi_nesy.errors import DataError, ProgramError
 from gedi_nesy.logic.chain import ColumnChainLogic, chain_probs, sum_distribution
 from gedi_nesy.logic.compiled import CompiledLogic
-from gedi_nesy.logic.dpl import ProbabilityTable
+from gedi_nesy.logic.program import ProbabilityTable
 
 PROGRAMS = Path(__file__).resolve().parents[1] / "programs"
 MULTI = (PROGRAMS / "multi_addition.pl").read_text()

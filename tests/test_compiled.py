@@ -27,7 +27,7 @@ from problog.logic import Constant, Term, Var, list2term
 
 from gedi_nesy.errors import DataError, ProgramError
 from gedi_nesy.logic.compiled import CompiledLogic, default_cache_dir, query_template
-from gedi_nesy.logic.dpl import ProbabilityTable
+from gedi_nesy.logic.program import ProbabilityTable
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = ROOT / "programs"
@@ -364,7 +364,7 @@ import json, sys
 from pathlib import Path
 import torch
 from problog.logic import Constant, Term
-from gedi_nesy.logic.dpl import ProbabilityTable
+from gedi_nesy.logic.program import ProbabilityTable
 from gedi_nesy.logic.compiled import CompiledLogic
 
 img = lambda i: Term("tensor", Term("img", Constant(i)))

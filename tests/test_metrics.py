@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from gedi_nesy.shortcuts import metrics as M
 from gedi_nesy.plots import save_confusion_png, save_image_grid, save_lines_png, save_panels_png
+from gedi_nesy.shortcuts import metrics as M
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 REPO_ROOT = Path(__file__).resolve().parents[1]

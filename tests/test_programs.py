@@ -16,7 +16,8 @@ from deepproblog.query import Query
 from problog.formula import LogicDAG, LogicFormula
 from problog.logic import Constant, Term, list2term
 
-from gedi_nesy.logic.dpl import LogicModel, ProbabilityTable
+from gedi_nesy.logic.dpl import LogicModel
+from gedi_nesy.logic.program import ProbabilityTable
 
 PROGRAMS = Path(__file__).resolve().parents[1] / "programs"
 NETWORKS = {"digit_net": 10}

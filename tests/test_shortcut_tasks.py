@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from gedi_nesy.errors import ConfigError, DataError
-from gedi_nesy.logic.dpl import LogicModel, ProbabilityTable
+from gedi_nesy.logic.dpl import LogicModel
+from gedi_nesy.logic.program import ProbabilityTable
 from tasks import TASKS, mnist_evenodd, mnist_half
 
 PER_DIGIT = {"train": 3, "test": 2}

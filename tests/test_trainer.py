@@ -24,7 +24,8 @@ from gedi_nesy.gedi.augment import augment as random_view
 from gedi_nesy.gedi.nets import GEDINet
 from gedi_nesy.logic.compiled import CompiledLogic
 from gedi_nesy.logic.dpl import LogicModel
-from gedi_nesy.train.joint import JointTrainer, logic_loss, tensor_keys
+from gedi_nesy.logic.program import tensor_keys
+from gedi_nesy.train.joint import JointTrainer, logic_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 ADDITION = ROOT / "programs/addition.pl"

@@ -32,8 +32,8 @@ from deepproblog.query import Query
 from problog.logic import Constant, Term, list2term, term2list
 
 from gedi_nesy.errors import DataError, ProgramError
-from gedi_nesy.logic.compiled import CompiledLogic, query_term
-from gedi_nesy.logic.dpl import ProbabilityTable, QueryProbs, answer_columns
+from gedi_nesy.logic.compiled import CompiledLogic
+from gedi_nesy.logic.program import ProbabilityTable, QueryProbs, answer_columns, query_term
 
 __all__ = ["ColumnChainLogic", "chain_probs", "sum_distribution"]
 
@@ -103,7 +103,7 @@ class ColumnChainLogic:
         check: bool = True,
     ) -> None:
         self.logic, self.predicate, self.column, self.base = logic, predicate, column, base
-        self.source = logic.source
+        self.source, self.networks = logic.source, logic.networks
         if check:
             self.check_against_program()
 

@@ -27,7 +27,7 @@ Differences from stock DeepProbLog: ``x * 0.0`` with a plain-float zero is dropp
 :class:`gedi_nesy.logic.dpl.ExactZeroSemiring` does; the same values and gradients for finite
 inputs), and sums and products are re-associated, so results agree to rounding (~1e-16
 relative in float64). On CUDA the scatter-add sums in no fixed order (last-bit differences).
-Not supported, as in :func:`gedi_nesy.logic.dpl.check_program`: ``t(...)`` learnable
+Not supported, as in :func:`gedi_nesy.logic.program.check_program`: ``t(...)`` learnable
 probabilities, ``nn/3`` / ``nn/2``, networks with several inputs, DeepProbLog's tensor builtins.
 """
 
@@ -54,12 +54,13 @@ from problog.logic import Constant, Term, term2list
 from problog.sdd_formula import SDD
 
 from gedi_nesy.errors import DataError, ProgramError
-from gedi_nesy.logic.dpl import (
+from gedi_nesy.logic.program import (
     ProbabilityTable,
     QueryProbs,
     answer_columns,
     check_program,
     program_text,
+    query_term,
 )
 
 with warnings.catch_warnings():
@@ -78,7 +79,6 @@ __all__ = [
     "compile_circuit",
     "default_cache_dir",
     "query_template",
-    "query_term",
 ]
 
 FORMAT_VERSION = 1  # bump when the stored arrays change meaning
@@ -886,7 +886,7 @@ class CompiledLogic:
     Args:
         program: a ``pathlib.Path`` to a .pl file, or the program text as a ``str``.
         networks: network name -> number of outputs K; checked by
-            :func:`gedi_nesy.logic.dpl.check_program`.
+            :func:`gedi_nesy.logic.program.check_program`.
         device: where the logic runs; None: where the tables are.
         cache_dir: folder of compiled circuits; None: :func:`default_cache_dir`.
         sdd_auto_gc: let the SDD library minimise circuits while compiling (smaller circuits;
@@ -1195,8 +1195,3 @@ class CompiledLogic:
                 key = slots[slot] if slot >= 0 else _fill_slots(key, slots)
                 keys.setdefault(name, {})[key] = None
         return {name: list(found) for name, found in keys.items()}
-
-
-def query_term(query: Query | Term) -> Term:
-    """The query term, its substitution applied."""
-    return query.substitute().query if isinstance(query, Query) else query

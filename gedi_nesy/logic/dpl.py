@@ -1,15 +1,11 @@
-"""DeepProbLog glue: neural predicates that look up rows of a probability table.
+"""The DeepProbLog-backed engine: neural predicates that look up rows of a probability table.
 
 The trainer runs ONE batched forward ``probs = softmax(net(images))`` (n, K) per network over all
-images of a minibatch and hands the rows to :class:`LogicModel` as a :class:`ProbabilityTable`
-keyed by the images' tensor terms (``tensor(train(17))``). The DeepProbLog network registered
-under the predicate's name only looks rows up, so the logic loss and the GEDI losses share one
-autograd graph, BatchNorm sees the whole batch, and no image passes through DeepProbLog.
-
-For ``nn(Net, [X], Y, [d_0, ..., d_{K-1}]) :: p(X, Y).``, column j of the table is
-``P(p(X, d_j))``: the j-th element of the domain list.
-
-This module and ``trainer.py`` are the only library modules that import deepproblog / problog.
+images of a minibatch and hands the rows to :class:`LogicModel` as a
+:class:`~gedi_nesy.logic.program.ProbabilityTable` keyed by the images' tensor terms
+(``tensor(train(17))``). The DeepProbLog network registered under the predicate's name only looks
+rows up, so the logic loss and the GEDI losses share one autograd graph, BatchNorm sees the whole
+batch, and no image passes through DeepProbLog.
 """
 
 from __future__ import annotations
@@ -18,18 +14,22 @@ import contextlib
 import io
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-from problog.errors import ParseError
-from problog.logic import Clause, Constant, Or, Term, is_list, term2list
-from problog.program import PrologString
+from problog.logic import Term, term2list
 
-from gedi_nesy.errors import DataError, ProgramError
+from gedi_nesy.errors import DataError
+from gedi_nesy.logic.program import (
+    ProbabilityTable,
+    QueryProbs,
+    answer_columns,
+    check_program,
+    program_text,
+    subterms,
+)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)  # deepproblog.engines: "PySwip could not be found"
@@ -40,200 +40,7 @@ with warnings.catch_warnings():
     from deepproblog.semiring.graph_semiring import GraphSemiring
     from deepproblog.solver import Solver
 
-__all__ = [
-    "ExactZeroSemiring",
-    "LogicModel",
-    "NeuralDeclaration",
-    "ProbabilityTable",
-    "QueryProbs",
-    "check_program",
-    "parse_neural_declarations",
-    "term_value",
-]
-
-
-# --------------------------------------------------------------------------- program checks
-
-
-@dataclass(frozen=True)
-class NeuralDeclaration:
-    """One ``nn(Net, [X], Y, Domain) :: p(...)`` statement of a program.
-
-    Attributes:
-        network: network name (the first argument of nn/4).
-        predicate: name of the neural predicate (``digit`` in ``digit(X, Y)``).
-        arity: arity of the neural predicate.
-        domain: the domain list as Python values (int / float for numbers, str otherwise);
-            column j of the network's output is ``domain[j]``.
-        line: line of the statement in the program text (1-based).
-    """
-
-    network: str
-    predicate: str
-    arity: int
-    domain: list[Any]
-    line: int
-
-
-def term_value(term: Term) -> Any:
-    """A ground ProbLog term as a Python value: ``3`` -> 3, ``1.5`` -> 1.5, ``a`` / ``"a"`` -> "a".
-
-    Args:
-        term: a ground term (a number, an atom or string, or a compound term).
-
-    Returns:
-        int or float for numbers; the name, without quotes, for atoms and strings; ``str(term)``
-        for compound terms.
-    """
-    if isinstance(term, Constant) and isinstance(term.functor, (int, float)):
-        return term.functor
-    text = str(term)
-    if term.arity == 0 and len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        return text[1:-1]
-    return text
-
-
-def _statements(program_text: str, source: str) -> Iterator[tuple[Any, int]]:
-    """Each parsed statement with its line; a parse error becomes a one-line ProgramError."""
-    program = PrologString(program_text)
-    try:
-        for statement in program:
-            location = getattr(statement, "location", None)
-            position = program.lineno(location[1]) if location else None
-            yield statement, (position[1] if position else 0)
-    except ParseError as error:
-        line, column = error.location[1:] if isinstance(error.location, tuple) else ("?", "?")
-        raise ProgramError(
-            f"{source}:{line}:{column}: {error.base_message}; fix the ProbLog syntax there"
-        ) from None
-
-
-def _annotated_heads(statement: Any) -> list[Term]:
-    """The heads that can carry a probability annotation in one statement."""
-    if isinstance(statement, Clause):
-        return [statement.head]
-    if isinstance(statement, Or):
-        return list(statement.to_list())
-    return [statement] if isinstance(statement, Term) else []
-
-
-def _declaration(head: Term, in_disjunction: bool, source: str, line: int) -> NeuralDeclaration:
-    """Check the form of one nn-annotated head and describe it."""
-    nn = head.probability
-    where = f"{source}:{line}: {nn}::{head.with_probability(None)}"
-    if nn.arity != 4:
-        raise ProgramError(
-            f"{where} is nn/{nn.arity}; gedi_nesy serves nn/4 only, written "
-            f"nn(Net, [X], Y, [d0, ..., dK]) :: p(X, Y)"
-        )
-    if in_disjunction:
-        raise ProgramError(f"{where} sits in a ';' disjunction; write each nn/4 as its own fact")
-    network, inputs, _, domain = nn.args
-    if not is_list(inputs) or len(term2list(inputs, False)) != 1:
-        raise ProgramError(
-            f"{where} has inputs {inputs}; a lookup table serves one input per nn/4, "
-            f"write nn({network}, [X], Y, Domain)"
-        )
-    if not is_list(domain) or not domain.is_ground():
-        raise ProgramError(f"{where} has domain {domain}; write a ground list such as [0, 1, 2]")
-    return NeuralDeclaration(
-        network=str(network),
-        predicate=str(head.functor),
-        arity=head.arity,
-        domain=[term_value(d) for d in term2list(domain, False)],
-        line=line,
-    )
-
-
-def parse_neural_declarations(
-    program_text: str, source: str = "<program>"
-) -> list[NeuralDeclaration]:
-    """Parse a ProbLog program and list its neural predicates.
-
-    Args:
-        program_text: the program.
-        source: file name used in error messages.
-
-    Returns:
-        One :class:`NeuralDeclaration` per nn/4 statement, in program order.
-
-    Raises:
-        ProgramError: the program does not parse (the message gives file, line and column), or an
-            nn annotation is not of the form ``nn(Net, [X], Y, [d0, ..., dK]) :: p(...)``.
-    """
-    declarations = []
-    for statement, line in _statements(program_text, source):
-        heads = _annotated_heads(statement)
-        for head in heads:
-            p = head.probability
-            if isinstance(p, Term) and p.functor == "nn":
-                in_disjunction = isinstance(statement, Or)
-                declarations.append(_declaration(head, in_disjunction, source, line))
-    return declarations
-
-
-def _learnable_probability_lines(program_text: str, source: str) -> list[int]:
-    """Lines with a ``t(...)`` learnable probability (DeepProbLog's optimizer never updates it)."""
-    lines = []
-    for statement, line in _statements(program_text, source):
-        for head in _annotated_heads(statement):
-            p = head.probability
-            if isinstance(p, Term) and p.functor == "t":
-                lines.append(line)
-    return lines
-
-
-def check_program(
-    program_text: str, networks: Mapping[str, int], source: str = "<program>"
-) -> list[NeuralDeclaration]:
-    """Check that a program's nn/4 statements match the registered networks.
-
-    Args:
-        program_text: the program.
-        networks: registered network name -> its number of outputs K.
-        source: file name used in error messages.
-
-    Returns:
-        The program's neural declarations, in program order.
-
-    Raises:
-        ProgramError: the program does not parse; an nn/4 names a network that is not
-            registered; a registered network is used by no nn/4; a domain's size differs from
-            the network's K; the program has ``t(...)`` learnable probabilities.
-    """
-    declarations = parse_neural_declarations(program_text, source)
-    registered = sorted(networks)
-    for d in declarations:
-        if d.network not in networks:
-            raise ProgramError(
-                f"{source}:{d.line}: nn/4 for {d.predicate}/{d.arity} uses network "
-                f"'{d.network}', which is not registered; registered: {registered}. "
-                f"Register it or rename the network in the program"
-            )
-        k = networks[d.network]
-        if len(d.domain) != k:
-            raise ProgramError(
-                f"{source}:{d.line}: network '{d.network}' has K = {k} outputs but the domain "
-                f"of {d.predicate}/{d.arity} has {len(d.domain)} values {d.domain}; make them equal"
-            )
-    used = {d.network for d in declarations}
-    for name in registered:
-        if name not in used:
-            raise ProgramError(
-                f"{source}: network '{name}' is registered but no nn/4 uses it; the program's "
-                f"networks are {sorted(used)}. Unregister it or add an nn({name}, [X], Y, [...]) "
-                f":: p(X, Y) statement"
-            )
-    learnable = _learnable_probability_lines(program_text, source)
-    if learnable:
-        raise ProgramError(
-            f"{source}:{learnable[0]}: t(...) learnable probabilities are not trained by "
-            f"gedi_nesy; write fixed probabilities or a neural predicate instead"
-        )
-    return declarations
-
-
-# --------------------------------------------------------------------------- semiring
+__all__ = ["ExactZeroSemiring", "LogicModel"]
 
 
 def _is_exact(a: Any, value: float) -> bool:
@@ -278,37 +85,6 @@ def _detach(a: Any) -> Any:
     return a.detach() if isinstance(a, torch.Tensor) else a
 
 
-# --------------------------------------------------------------------------- lookup tables
-
-
-@dataclass(frozen=True)
-class ProbabilityTable:
-    """Rows of ``p(y|x)`` for a set of inputs, keyed by their tensor terms.
-
-    Attributes:
-        keys: one term per row, e.g. ``tensor(train(17))``; distinct.
-        probs: shape (n, K); row i is the distribution of ``keys[i]`` over the nn/4 domain.
-    """
-
-    keys: Sequence[Term]
-    probs: torch.Tensor
-    index: dict[Term, int] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.probs.dim() != 2 or self.probs.shape[0] != len(self.keys):
-            raise DataError(
-                f"ProbabilityTable got {len(self.keys)} keys and probs of shape "
-                f"{tuple(self.probs.shape)}; probs must be (n_keys, K), one row per key"
-            )
-        index = {key: i for i, key in enumerate(self.keys)}
-        if len(index) != len(self.keys):
-            raise DataError(
-                f"ProbabilityTable got {len(self.keys)} keys but only {len(index)} distinct; "
-                f"give each input once"
-            )
-        object.__setattr__(self, "index", index)
-
-
 class _LookupNetwork(Network):
     """A DeepProbLog network that returns rows of the bound :class:`ProbabilityTable`."""
 
@@ -345,45 +121,6 @@ class _LookupNetwork(Network):
         return row
 
 
-# --------------------------------------------------------------------------- logic model
-
-
-class QueryProbs(NamedTuple):
-    """Probabilities of a batch of queries.
-
-    Attributes:
-        probs: P(query), shape (Q,) (or (Q, A) over an answer domain); 0 where unprovable.
-        provable: whether each query has at least one proof, shape (Q,), bool.
-    """
-
-    probs: torch.Tensor
-    provable: torch.Tensor
-
-    @property
-    def n_unprovable(self) -> int:
-        return int((~self.provable).sum())
-
-
-def program_text(program: str | os.PathLike[str]) -> tuple[str, str]:
-    """(text, source name) of a program given as a path (``Path``, or a one-line ``str`` ending in
-    ``.pl``) or as the program text itself."""
-    single_line = isinstance(program, str) and "\n" not in program.strip()
-    if isinstance(program, os.PathLike) or (single_line and program.strip().endswith(".pl")):
-        path = Path(program).expanduser()
-        if not path.is_file():
-            raise ProgramError(f"program file {path} does not exist; give a path to a .pl file")
-        return path.read_text(), str(path)
-    return program, "<program>"
-
-
-def _subterms(term: Term) -> Iterator[Term]:
-    stack = [term]
-    while stack:
-        t = stack.pop()
-        yield t
-        stack.extend(t.args)
-
-
 def _shareable(query: Query) -> Query:
     """The query itself, or its ground form when its substitution aliases one input twice.
 
@@ -395,33 +132,10 @@ def _shareable(query: Query) -> Query:
     values = list(query.substitution.values())
     if not values:
         return query
-    present = set(_subterms(query.query))
+    present = set(subterms(query.query))
     if len(set(values)) == len(values) and not any(v in present for v in values):
         return query
     return Query(query.substitute().query, None, query.p, query.output_ind)
-
-
-def answer_columns(query: Term, answers: Iterable[Term], column: Mapping[Any, int]) -> list[int]:
-    """The answer-domain column of each answer term of ``query``.
-
-    Args:
-        query: the query the answers belong to (for the error message).
-        answers: answer terms, e.g. sums as ``Constant`` terms.
-        column: answer value (a Python value, see :func:`term_value`) -> column index.
-
-    Raises:
-        DataError: an answer is not in the domain.
-    """
-    columns = []
-    for answer in answers:
-        value = term_value(answer)
-        if value not in column:
-            raise DataError(
-                f"query {query} has answer {value}, which is not in the answer domain "
-                f"({len(column)} values); widen the domain"
-            )
-        columns.append(column[value])
-    return columns
 
 
 def _as_float(p: Any) -> float:

@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from gedi_nesy.errors import ConfigError, ProgramError
-from gedi_nesy.logic.dpl import LogicModel, ProbabilityTable
+from gedi_nesy.logic.dpl import LogicModel
+from gedi_nesy.logic.program import ProbabilityTable
 
 if TYPE_CHECKING:
     from deepproblog.query import Query

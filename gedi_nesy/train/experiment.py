@@ -14,15 +14,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from gedi_nesy.config import LogicConfig, NesyOptimConfig, NesyRunConfig, to_dict, with_defaults
+from gedi_nesy.config import NesyOptimConfig, NesyRunConfig, to_dict, with_defaults
 from gedi_nesy.errors import ConfigError
-from gedi_nesy.logic.chain import ColumnChainLogic
-from gedi_nesy.logic.compiled import CompiledLogic
-from gedi_nesy.logic.dpl import LogicModel
+from gedi_nesy.logic.engine import build_logic
+from gedi_nesy.logic.program import tensor_keys
 from gedi_nesy.plots import save_confusion_png
 from gedi_nesy.shortcuts.metrics import cluster_usage, concept_report, confusion_matrix
 from gedi_nesy.task import TaskData
-from gedi_nesy.train.joint import JointTrainer, tensor_keys
+from gedi_nesy.train.joint import JointTrainer
 from gedi_nesy.train.loop import StepLog, batch_indices
 from gedi_nesy.train.runtime import (
     atomic_write_json,
@@ -34,14 +33,6 @@ from gedi_nesy.train.runtime import (
     start_run,
 )
 from gedi_nesy.train.standalone import build_net
-
-
-def build_logic(cfg: LogicConfig, task: TaskData) -> LogicModel | CompiledLogic | ColumnChainLogic:
-    """The exact-inference engine the config asks for, over the task's program and networks."""
-    if cfg.engine == "deepproblog":
-        return LogicModel(task.program, task.networks)
-    compiled = CompiledLogic(task.program, task.networks, cache_dir=cfg.cache_dir)
-    return ColumnChainLogic(compiled) if cfg.engine == "column_chain" else compiled
 
 
 def total_steps(cfg: NesyRunConfig, n_train: int) -> int:
@@ -90,7 +81,7 @@ def supervised_images(
 def build_trainer(cfg: NesyRunConfig, task: TaskData, device: torch.device) -> JointTrainer:
     """A :class:`GEDINet` per network of the task, the logic engine, and the joint trainer."""
     nets = {name: build_net(replace(cfg.model, k=k)) for name, k in task.networks.items()}
-    logic = build_logic(cfg.logic, task)
+    logic = build_logic(cfg.logic, task.program, task.networks)
     return JointTrainer(
         logic, nets, task.sources, gedi=cfg.gedi, sgld=cfg.sgld, augment=cfg.augment,
         optim=cfg.optim, device=device, eval_batch=cfg.logic.eval_batch,

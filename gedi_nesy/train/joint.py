@@ -16,23 +16,24 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from deepproblog.query import Query
-from problog.logic import Term
 
 from gedi_nesy.config import AugmentConfig, GediConfig, NesyOptimConfig, SGLDConfig
 from gedi_nesy.errors import ConfigError
 from gedi_nesy.gedi.augment import augment as random_view
 from gedi_nesy.gedi.losses import GediLoss, active_parts, marginal_entropy_loss, weighted_total
 from gedi_nesy.gedi.objective import GediObjective
-from gedi_nesy.logic.compiled import query_term
-from gedi_nesy.logic.dpl import ProbabilityTable
+from gedi_nesy.logic.program import ProbabilityTable, query_term, tensor_keys
 from gedi_nesy.shortcuts.relabel import Relabelling, best_cluster_map, best_permutation
 from gedi_nesy.train.loop import check_finite, lr_factor
+
+if TYPE_CHECKING:
+    from deepproblog.query import Query
+    from problog.logic import Term
 
 LOGIC_EPS = 1e-12  # DeepProbLog's cross_entropy adds this inside the log
 
@@ -51,20 +52,6 @@ def logic_loss(probs: torch.Tensor, provable: torch.Tensor) -> torch.Tensor:
     if not provable.any():
         return probs.new_zeros(())
     return -torch.log(probs[provable] + LOGIC_EPS).mean()  # (Q',) -> ()
-
-
-def tensor_keys(queries: Sequence[Query]) -> list[Term]:
-    """The distinct ``tensor(...)`` terms the (substituted) queries use, in first-seen order."""
-    seen: dict[Term, None] = {}
-    for q in queries:
-        stack = [q.substitute().query]
-        while stack:
-            term = stack.pop()
-            if term.functor == "tensor" and term.arity == 1:
-                seen.setdefault(term, None)
-            else:
-                stack.extend(reversed(term.args))
-    return list(seen)
 
 
 class JointTrainer:

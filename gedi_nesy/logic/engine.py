@@ -1,0 +1,96 @@
+"""The contract every logic engine keeps, and the one place that builds an engine from a config.
+
+An engine holds a ProbLog program with neural predicates and answers questions about queries
+given one :class:`~gedi_nesy.logic.program.ProbabilityTable` per network (rows of ``p(y | x)`` for
+the inputs the queries name). Three engines keep the contract:
+
+- :class:`~gedi_nesy.logic.compiled.CompiledLogic` (``logic.engine: compiled``, the default): one
+  circuit per query template, a whole minibatch in one batched pass;
+- :class:`~gedi_nesy.logic.dpl.LogicModel` (``deepproblog``): DeepProbLog's own per-query solve;
+- :class:`~gedi_nesy.logic.chain.ColumnChainLogic` (``column_chain``): N-digit addition as an
+  exact chain of compiled column circuits.
+
+The trainer, the audit and the relabelling see an engine only through :class:`LogicEngine`, so a
+fourth engine needs nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from gedi_nesy.logic.chain import ColumnChainLogic
+from gedi_nesy.logic.compiled import CompiledLogic
+from gedi_nesy.logic.dpl import LogicModel
+from gedi_nesy.logic.program import ProbabilityTable, QueryProbs
+
+if TYPE_CHECKING:
+    from deepproblog.query import Query
+    from problog.logic import Term
+
+    from gedi_nesy.config import LogicConfig
+
+__all__ = ["LogicEngine", "build_logic"]
+
+
+@runtime_checkable
+class LogicEngine(Protocol):
+    """Exact inference over a program whose neural predicates read probability tables.
+
+    Attributes:
+        source: the program's file name (or ``<program>``), for messages.
+        networks: network name -> K, the size of its nn/4 domain (column j of its table is the
+            j-th domain value).
+    """
+
+    source: str
+    networks: dict[str, int]
+
+    def query_probs(
+        self, queries: Sequence[Query], tables: Mapping[str, ProbabilityTable]
+    ) -> QueryProbs:
+        """P(query) of ground queries, (Q,), differentiable w.r.t. the tables; ``provable``
+        (Q,) says which have a proof (an unprovable query gets 0, never a silent loss)."""
+        ...
+
+    def answer_probs(
+        self,
+        queries: Sequence[Query],
+        domain: Sequence[Any],
+        tables: Mapping[str, ProbabilityTable],
+    ) -> QueryProbs:
+        """The distribution over each query's output argument, (Q, A) over ``domain``."""
+        ...
+
+    def best_answers(
+        self, queries: Sequence[Query], tables: Mapping[str, ProbabilityTable]
+    ) -> list[Term | None]:
+        """The most probable output argument of each query (None where none is provable)."""
+        ...
+
+    def referenced_keys(self, queries: Sequence[Query]) -> dict[str, list[Term]]:
+        """Network name -> the distinct input terms the queries ask it about."""
+        ...
+
+
+def build_logic(cfg: LogicConfig, program: str | Path, networks: Mapping[str, int]) -> LogicEngine:
+    """The engine ``cfg.engine`` names, over ``program`` and its networks.
+
+    Args:
+        cfg: the ``logic`` section of a run config.
+        program: a ``pathlib.Path`` to a .pl file, or the program text.
+        networks: network name -> K; checked against the program's nn/4 statements.
+
+    Returns:
+        A :class:`~gedi_nesy.logic.compiled.CompiledLogic`,
+        :class:`~gedi_nesy.logic.dpl.LogicModel` or
+        :class:`~gedi_nesy.logic.chain.ColumnChainLogic`.
+
+    Raises:
+        ProgramError: the program does not parse or does not match the networks.
+    """
+    if cfg.engine == "deepproblog":
+        return LogicModel(program, networks)
+    compiled = CompiledLogic(program, networks, cache_dir=cfg.cache_dir)
+    return ColumnChainLogic(compiled) if cfg.engine == "column_chain" else compiled
