@@ -262,7 +262,7 @@ def _resolve_extends(node: Any, path: Path, chain: tuple[Path, ...]) -> Any:
     if not isinstance(target, str) or not target:
         raise ConfigError(
             f"config file {path}: extends = {target!r}; give one YAML file, relative to "
-            f"{path.parent}, e.g. extends: recipes/gedi.yaml"
+            f"{path.parent}, e.g. extends: recipes/dpl.yaml"
         )
     parent = path.parent / target
     if any(parent.resolve() == seen.resolve() for seen in chain):

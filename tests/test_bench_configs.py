@@ -147,6 +147,35 @@ methods:
   dpl+entropy: {gedi.w_marginal_entropy: 1.0}
   dpl+1label: {supervision.labels_per_class: 1}
 """
+HALF = EVENODD.replace("bench_evenodd", "bench_half").replace("mnist_evenodd", "mnist_half")
+EVENODD_1LABEL = """
+name: bench_evenodd_1label
+out_dir: runs/bench
+seeds: [0, 1, 2, 3, 4]
+base:
+  task: {name: mnist_evenodd}
+  gedi: {w_gen: 0.0, w_inv: 0.0, w_prior: 0.0}
+  optim: {epochs: 10, batch_size: 64}
+  logic: {cache_dir: runs/bench/circuits}
+  supervision: {labels_per_class: 1, augment: true}
+methods:
+  dpl+gedi-nogen+1label: {gedi.w_inv: 0.05, gedi.w_prior: 0.5, optim.gedi_only_steps: 150}
+  dpl+1label: {}
+"""
+HALF_OVERCLUSTER = """
+name: bench_half_overcluster
+out_dir: runs/bench
+seeds: [0, 1, 2, 3, 4]
+base:
+  task: {name: mnist_half}
+  model: {clusters_per_value: 2}
+  gedi: {w_gen: 0.0, w_inv: 0.05, w_prior: 0.5}
+  optim: {epochs: 10, batch_size: 64, gedi_only_steps: 150, relabel_every: 46}
+  logic: {cache_dir: runs/bench/circuits}
+methods:
+  dpl+gedi+oc: {gedi.w_gen: 0.1, gedi.energy_reg: 0.01, sgld.n_steps: 5}
+  dpl+gedi-nogen+oc: {}
+"""
 EVENODD_RELABEL = """
 name: bench_evenodd_relabel
 out_dir: runs/bench
@@ -187,8 +216,11 @@ methods:
 @pytest.mark.parametrize(
     "name, before",
     [
+        ("bench_half", HALF),  # methods that extend recipes, a base from shortcut_bench.yaml
+        ("bench_half_overcluster", HALF_OVERCLUSTER),
         ("bench_half_overcluster_band", HALF_OVERCLUSTER_BAND),  # extends a bench, band axis
-        ("bench_evenodd", EVENODD),  # extends bench_half.yaml, its methods extend recipes
+        ("bench_evenodd", EVENODD),  # extends bench_half.yaml
+        ("bench_evenodd_1label", EVENODD_1LABEL),  # a base that extends a recipe
         ("bench_evenodd_relabel", EVENODD_RELABEL),  # a recipe plus the method's own keys
         ("bench_addition_small", ADDITION_SMALL),  # a size axis, the addition recipes
     ],

@@ -4,9 +4,9 @@ A bench config names a base run config (the ``gedi-nesy train`` format), the met
 of it, the seeds and optionally a data-size axis. Every (method, size, seed) is a *trial*, named
 ``<method>[-n<size>]-s<seed>[-r<restart>]``; its folder is ``<out_dir>/<name>/trials/<trial>/``.
 
-Recipes: a method (or the base) may say ``extends: recipes/gedi.yaml``, a run-config fragment
-that holds a method's current recipe; its settings apply first, the method's own keys over them
-(see :func:`gedi_nesy.config.load_config`). A whole bench may ``extends`` another bench file.
+Recipes: a method (or the base) may say ``extends: recipes/shortcut_gedi.yaml``, a run-config
+fragment holding a method's current recipe; its settings apply first, then the method's own keys
+(see :func:`gedi_nesy.config.load_config`). A whole bench file may extend another bench file.
 
 With ``restarts: R`` > 1 each (method, size, seed) trains R times, restart r setting
 ``restart_key`` (default ``optim.seed``: the model, not the data) to ``seed + 1000 r``; the report
