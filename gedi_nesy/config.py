@@ -196,6 +196,12 @@ C = TypeVar("C")
 def load_config(path: str | Path | None, cls: type[C], overrides: list[str] | None = None) -> C:
     """Read a YAML file into the dataclass ``cls``, then apply ``key.sub=value`` overrides.
 
+    A mapping anywhere in the file (the top level, a section, a bench method) may name another
+    YAML file with ``extends: other.yaml``, relative to the file that says it: that file's
+    mapping (with its own ``extends`` resolved, so chains work) is the starting point, and the
+    mapping's other keys are deep-merged over it (mappings merge key by key, any other value
+    replaces). Overrides apply after every ``extends``.
+
     Args:
         path: YAML file, or None for the defaults.
         cls: the top-level config dataclass, e.g. :class:`GediRunConfig`.
@@ -205,8 +211,8 @@ def load_config(path: str | Path | None, cls: type[C], overrides: list[str] | No
         An instance of ``cls``.
 
     Raises:
-        ConfigError: the file is missing or not a mapping, a key is unknown, or a value has the
-            wrong type.
+        ConfigError: the file (or one it extends) is missing or not a mapping, ``extends`` makes
+            a cycle, a key is unknown, or a value has the wrong type.
     """
     raw: dict[str, Any] = {}
     if path is not None:
@@ -216,24 +222,63 @@ def load_config(path: str | Path | None, cls: type[C], overrides: list[str] | No
     return from_dict(cls, raw, prefix="")
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping of a YAML file with every ``extends`` in it resolved.
+
+    Args:
+        path: the file.
+        chain: the files whose ``extends`` led here, outermost first (for errors and cycles).
+    """
+    via = f" (extended by {chain[-1]})" if chain else ""
     if not path.is_file():
-        raise ConfigError(
-            f"config file {path} does not exist; pass a YAML file, e.g. configs/*.yaml"
-        )
+        fix = "fix the extends path" if chain else "pass a YAML file, e.g. configs/*.yaml"
+        raise ConfigError(f"config file {path}{via} does not exist; {fix}")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {path}{where} is not valid YAML; fix the syntax") from None
+        raise ConfigError(
+            f"config file {path}{via}{where} is not valid YAML; fix the syntax"
+        ) from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(
-            f"config file {path} must hold a mapping of sections, got {type(raw).__name__}"
+            f"config file {path}{via} must hold a mapping of sections, got {type(raw).__name__}"
         )
-    return raw
+    return _resolve_extends(raw, path, (*chain, path))
+
+
+def _resolve_extends(node: Any, path: Path, chain: tuple[Path, ...]) -> Any:
+    """``node`` with each mapping's ``extends: FILE`` replaced by FILE's mapping (relative to
+    ``path``, the file being read) with the mapping's other keys deep-merged over it."""
+    if not isinstance(node, dict):
+        return node
+    node = {key: _resolve_extends(value, path, chain) for key, value in node.items()}
+    if "extends" not in node:
+        return node
+    target = node.pop("extends")
+    if not isinstance(target, str) or not target:
+        raise ConfigError(
+            f"config file {path}: extends = {target!r}; give one YAML file, relative to "
+            f"{path.parent}, e.g. extends: recipes/dpl.yaml"
+        )
+    parent = path.parent / target
+    if any(parent.resolve() == seen.resolve() for seen in chain):
+        cycle = " -> ".join(str(p) for p in (*chain, parent))
+        raise ConfigError(f"config file {path}: extends makes a cycle ({cycle}); remove one")
+    return _deep_merge(_read_yaml(parent, chain), node)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over``'s keys merged in: two mappings merge key by key, else ``over``'s
+    value replaces; new keys come after ``base``'s."""
+    out = dict(base)
+    for key, value in over.items():
+        both = isinstance(out.get(key), dict) and isinstance(value, dict)
+        out[key] = _deep_merge(out[key], value) if both else value
+    return out
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

@@ -1,4 +1,4 @@
-"""PNG figures for reports: confusion matrices, image grids and accuracy-vs-data-size curves.
+"""PNG figures for reports: confusion matrices, image grids and accuracy-vs-data-size panels.
 
 Each figure is a ``matplotlib.figure.Figure`` drawn on its own ``FigureCanvasAgg``, so no global
 backend is selected and importing this module changes no matplotlib state. Files are written
@@ -151,36 +151,22 @@ def save_image_grid(
     return _save_atomic(fig, path, dpi=dpi)
 
 
-def save_lines_png(
-    xs: Sequence[float],
-    ys_by_name: Mapping[str, Sequence[float]],
-    path: str | os.PathLike[str],
-    *,
-    xlabel: str,
-    ylabel: str,
-    title: str = "",
-    yerr_by_name: Mapping[str, Sequence[float]] | None = None,
-    logx: bool = False,
-) -> Path:
-    """Saves one line per method over shared x values (e.g. accuracy vs training-set size).
-
-    Args:
-        xs: x values, length P.
-        ys_by_name: method name -> y values, each of length P.
-        path: output PNG file; its folder is created if missing.
-        xlabel: x-axis label.
-        ylabel: y-axis label.
-        title: figure title.
-        yerr_by_name: method name -> error-bar half widths (e.g. std over seeds), length P; a
-            subset of the names in ``ys_by_name``.
-        logx: draw the x axis on a log scale (for data sizes such as 100 ... 30,000).
-
-    Returns:
-        The path written.
-    """
-    errs = None if yerr_by_name is None else {"": yerr_by_name}
-    return save_panels_png(xs, {"": ys_by_name}, path, xlabel=xlabel, ylabel=ylabel, title=title,
-                           yerr_panels=errs, logx=logx)  # fmt: skip
+def _check_panels(
+    x: np.ndarray,
+    panels: Mapping[str, Mapping[str, Sequence[float]]],
+    errs: Mapping[str, Mapping[str, Sequence[float]]],
+) -> None:
+    """Raises ValueError unless ``x`` (P,) is non-empty, every panel has a line and every error
+    bar belongs to a line drawn."""
+    if x.ndim != 1 or x.size == 0 or not panels or not all(panels.values()):
+        raise ValueError("need a non-empty 1-D xs and at least one line in every panel")
+    for panel, bars in errs.items():
+        unknown = sorted(set(bars) - set(panels.get(panel, {})))
+        if panel not in panels or unknown:
+            raise ValueError(
+                f"error bars for {unknown or sorted(bars)} in panel {panel!r} have no line; give "
+                "error bars only for lines drawn, under the same panel title and name"
+            )
 
 
 def save_panels_png(
@@ -213,15 +199,7 @@ def save_panels_png(
     """
     x = _as_array(xs)  # (P,)
     errs = {} if yerr_panels is None else {k: dict(v) for k, v in yerr_panels.items()}
-    if x.ndim != 1 or x.size == 0 or not panels or not all(panels.values()):
-        raise ValueError("need a non-empty 1-D xs and at least one line in every panel")
-    for panel, bars in errs.items():
-        unknown = sorted(set(bars) - set(panels.get(panel, {})))
-        if panel not in panels or unknown:
-            raise ValueError(
-                f"error bars for {unknown or sorted(bars)} in panel {panel!r} have no line; give "
-                "error bars only for lines drawn, under the same panel title and name"
-            )
+    _check_panels(x, panels, errs)
     names = list(dict.fromkeys(name for lines in panels.values() for name in lines))
     palette = colormaps["tab10" if len(names) <= 10 else "tab20"]
     fig = _new_figure(6.0 if len(panels) == 1 else 4.5 * len(panels), 4.0)

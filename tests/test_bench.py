@@ -12,18 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from gedi_nesy.bench.run import (
-    BenchConfig,
-    Trial,
+from gedi_nesy.bench.plan import BenchConfig, Trial, bench_methods, trial_config, trials
+from gedi_nesy.bench.report import (
     mean_std,
     results_csv,
-    run_trial,
     select_restarts,
     summary_table,
-    trial_config,
-    trials,
     write_report,
 )
+from gedi_nesy.bench.run import run_trial
 from gedi_nesy.cli import main
 from gedi_nesy.config import from_dict, load_config
 from gedi_nesy.errors import ConfigError
@@ -247,7 +244,7 @@ def test_bench_runs_trials_in_parallel_skips_finished_ones_and_reports_failures(
 def test_every_shipped_bench_config_gives_valid_trial_configs(name):
     cfg = load_config(CONFIGS / name, BenchConfig)
     planned = trials(cfg)  # raises if a trial config is one `gedi-nesy train` would refuse
-    assert len(planned) == len(cfg.methods) * len(cfg.seeds) * max(1, len(cfg.sizes)) * (
+    assert len(planned) == len(bench_methods(cfg)) * len(cfg.seeds) * max(1, len(cfg.sizes)) * (
         cfg.restarts
     )
 

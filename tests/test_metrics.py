@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from gedi_nesy.plots import save_confusion_png, save_image_grid, save_lines_png, save_panels_png
+from gedi_nesy.plots import save_confusion_png, save_image_grid, save_panels_png
 from gedi_nesy.shortcuts import metrics as M
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -251,20 +251,6 @@ def test_save_image_grid(tmp_path: Path) -> None:
     assert (width, height) == ((3 * 30 + 2) * 2, (2 * 30 + 2) * 2)  # 3 x 2 tiles, pad 2, scale 2
 
 
-def test_save_lines_png(tmp_path: Path) -> None:
-    out = save_lines_png(
-        [100, 1000, 30000],
-        {"dpl": [0.5, 0.8, 0.97], "gedi": [0.7, 0.9, 0.98]},
-        tmp_path / "lines.png",
-        xlabel="training pairs",
-        ylabel="Acc(Y)",
-        title="addition",
-        yerr_by_name={"gedi": [0.05, 0.02, 0.01]},
-        logx=True,
-    )
-    _assert_png(out)
-
-
 def test_save_panels_png_gives_a_method_one_colour_in_every_panel(tmp_path: Path) -> None:
     panels = {
         name: {f"m{i}": [0.1 * i, 0.05 * i] for i in range(12)} for name in ("raw", "matched")
@@ -277,10 +263,6 @@ def test_save_panels_png_gives_a_method_one_colour_in_every_panel(tmp_path: Path
 def test_plot_input_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"\(N, 1, H, W\)"):
         save_image_grid(np.zeros((2, 3, 4, 4)), tmp_path / "g.png")
-    with pytest.raises(ValueError, match=r"error bars for \['b'\] in panel '' have no line"):
-        save_lines_png(
-            [1], {"a": [1]}, tmp_path / "l.png", xlabel="x", ylabel="y", yerr_by_name={"b": [0]}
-        )
     with pytest.raises(ValueError, match=r"error bars for \['a'\] in panel 'raw' have no line"):
         save_panels_png([1], {"matched": {"a": [1]}}, tmp_path / "p.png", xlabel="x",
                         ylabel="y", yerr_panels={"raw": {"a": [0]}})  # fmt: skip

@@ -6,6 +6,7 @@ label i is ``i mod 10``. Train has 3 images per digit, test 2.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from gedi_nesy.errors import ConfigError, DataError
 from gedi_nesy.logic.dpl import LogicModel
 from gedi_nesy.logic.program import ProbabilityTable
-from tasks import TASKS, mnist_evenodd, mnist_half
+from tasks import TASKS, mnist_evenodd, mnist_half, worlds
 
 PER_DIGIT = {"train": 3, "test": 2}
 PREFIX = {"train": "train", "test": "t10k"}
@@ -81,9 +82,9 @@ def test_world_lists_are_the_published_ones():
     assert {a + b for a, b in mnist_evenodd.TRAIN_WORLDS} == {6, 10, 12}
     assert {a + b for a, b in mnist_half.TRAIN_WORLDS} == {0, 1, 5, 6}
     for task, n_ood, digits in ((mnist_evenodd.EVENODD, 84, 10), (mnist_half.HALF, 18, 5)):
-        ood = mnist_evenodd.ood_worlds(task)
+        ood = worlds.ood_worlds(task)
         assert len(ood) == n_ood and not set(ood) & set(task.train_worlds)
-        assert sorted(ood + task.train_worlds) == mnist_evenodd.all_worlds(range(digits))
+        assert sorted(ood + task.train_worlds) == worlds.all_worlds(range(digits))
 
 
 @pytest.mark.parametrize(
@@ -92,10 +93,9 @@ def test_world_lists_are_the_published_ones():
 )
 def test_default_sizes(root: Path, name: str, sizes: tuple[int, int, int, int]):
     task = build(name, root)
-    ood = MODULES[name].build_ood({"name": name})
-    assert (len(task.train), len(task.val), len(task.test), len(ood.queries)) == sizes
-    assert [q.query for q in task.ood_test] == [q.query for q in ood.queries]
-    assert torch.equal(task.ood_concept_labels, ood.concept_labels)
+    assert (len(task.train), len(task.val), len(task.test), len(task.ood_test)) == sizes
+    assert task.ood_concept_images == "oodtest"
+    assert task.ood_concept_labels.shape == (2 * sizes[3],)
     assert task.info["n_train_queries"] == sizes[0] and task.info["n_ood_test"] == sizes[3]
     assert task.sources["idtest"].shape == (2 * sizes[2], 1, 28, 28)
     assert task.sources["oodtest"].shape == (2 * sizes[3], 1, 28, 28)
@@ -120,27 +120,25 @@ def test_train_and_val_queries_follow_their_worlds(root: Path, name: str):
 @pytest.mark.parametrize("name", ["mnist_evenodd", "mnist_half"])
 def test_test_sources_hold_the_right_digits(root: Path, name: str):
     task = build(name, root, **SMALL)
-    ood = MODULES[name].build_ood({"name": name, **SMALL})
     test_y = torch.arange(20) % 10  # fake labels of MNIST-test
-    ood_worlds = mnist_evenodd.ood_worlds(WORLD_TASKS[name])
-    for source, queries, labels, worlds in (
+    ood_worlds = worlds.ood_worlds(WORLD_TASKS[name])
+    for source, queries, labels, in_order in (
         ("idtest", task.test, task.concept_labels, MODULES[name].TRAIN_WORLDS),
-        ("oodtest", ood.queries, ood.concept_labels, ood_worlds),
+        ("oodtest", task.ood_test, task.ood_concept_labels, ood_worlds),
     ):
         assert test_y[file_index(task.sources[source])].tolist() == labels.tolist()
         pairs = labels.view(-1, 2)  # (Q, 2)
-        assert [tuple(p) for p in pairs[::3].tolist()] == worlds  # 3 samples per world, in order
+        assert [tuple(p) for p in pairs[::3].tolist()] == in_order  # 3 samples per world
         for q, query in enumerate(queries):
             assert query_parts(query) == (source, [2 * q, 2 * q + 1], int(pairs[q].sum()))
-    assert ood.source == "oodtest"
+    assert task.ood_concept_images == "oodtest"
 
 
 def test_half_uses_digits_0_to_4_only(root: Path):
     task = build("mnist_half", root, **SMALL)
-    ood = mnist_half.build_ood(SMALL)
     used = [query_parts(q)[1] for q in task.train + task.val]
     assert set((torch.tensor(used) % 10).view(-1).tolist()) <= set(range(5))
-    assert int(task.concept_labels.max()) <= 4 and int(ood.concept_labels.max()) == 4
+    assert int(task.concept_labels.max()) <= 4 and int(task.ood_concept_labels.max()) == 4
     assert task.networks == {"digit_net": 5} and task.program.name == "half_addition.pl"
 
 
@@ -157,15 +155,28 @@ def test_seed_reproducibility(root: Path):
     assert all(a != b for a, b in zip(draws(3), draws(4)))
 
 
+@pytest.mark.parametrize(
+    ("name", "digest"), [("mnist_evenodd", "392c2cb383bfad31"), ("mnist_half", "9ea80519d9707a0d")]
+)
+def test_draws_are_those_of_the_code_before_tasks_worlds(root: Path, name: str, digest: str):
+    # the digests were taken with tasks/mnist_evenodd.py of commit e3b2a6c, before the shared
+    # sampling moved to tasks/worlds.py: the same seed draws the same images, bit for bit
+    task = build(name, root, seed=3, **SMALL)
+    parts = [query_parts(q) for q in task.train + task.val + task.test + task.ood_test]
+    images = [file_index(task.sources[s]).tolist() for s in ("idtest", "oodtest")]
+    labels = [task.concept_labels.tolist(), task.ood_concept_labels.tolist()]
+    found = hashlib.sha256(repr((parts, images, labels)).encode()).hexdigest()[:16]
+    assert found == digest
+
+
 @pytest.mark.parametrize("name", ["mnist_evenodd", "mnist_half"])
 def test_true_digits_prove_every_query(root: Path, name: str):
     task = build(name, root, n_train_per_world=1, n_val_per_world=0, n_test_per_world=1)
-    ood = MODULES[name].build_ood({"n_test_per_world": 1})
     k = task.networks["digit_net"]
     logic = LogicModel(task.program, task.networks)
     train_y = torch.arange(30) % 10
     for queries, labels in ((task.train, train_y), (task.test, task.concept_labels),
-                            (ood.queries, ood.concept_labels)):  # fmt: skip
+                            (task.ood_test, task.ood_concept_labels)):  # fmt: skip
         keys = sorted({t for q in queries for t in q.substitution.values()}, key=str)
         digits = torch.stack([labels[int(t.args[0].args[0])] for t in keys])  # (n_keys,)
         rows = torch.eye(k, dtype=torch.float64)[digits]  # (n_keys, K)

@@ -1,0 +1,264 @@
+"""``extends:`` in config files, the bench's ``band:`` axis, and the shipped configs that use them.
+
+The shipped bench configs refer to the recipes in ``configs/recipes/`` instead of copying them;
+the files they replaced (commit e3b2a6c, written out in full below) must give the same trials
+with the same trial configs, so finished bench folders stay valid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gedi_nesy.bench.plan import BenchConfig, Trial, bench_methods, trial_config, trials
+from gedi_nesy.config import NesyRunConfig, from_dict, load_config, to_dict
+from gedi_nesy.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _write(folder: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+
+
+def test_extends_chains_and_deep_merges(tmp_path):
+    _write(tmp_path, {
+        "parts/c.yaml": "gedi: {w_gen: 0.0, w_inv: 0.0}\noptim: {epochs: 3}\n",
+        "parts/b.yaml": "extends: c.yaml\ngedi: {w_inv: 0.5}\nname: b\n",  # relative to parts/
+        "a.yaml": "extends: parts/b.yaml\ngedi: {w_prior: 0.2}\nname: a\n",
+    })  # fmt: skip
+    cfg = load_config(tmp_path / "a.yaml", NesyRunConfig, ["optim.epochs=4"])
+    assert (cfg.gedi.w_gen, cfg.gedi.w_inv, cfg.gedi.w_prior) == (0.0, 0.5, 0.2)
+    assert (cfg.name, cfg.optim.epochs) == ("a", 4)  # this file wins, then the overrides
+
+
+def test_extends_inside_a_bench_method_is_relative_to_the_bench_file(tmp_path):
+    _write(tmp_path, {
+        "recipes/g.yaml": "gedi: {w_inv: 0.05, w_prior: 0.5}\noptim: {gedi_only_steps: 150}\n",
+        "b.yaml": "base: {task: {name: mnist_half}}\nmethods:\n"
+                  "  m: {extends: recipes/g.yaml, gedi.w_inv: 0.1, optim: {epochs: 2}}\n",
+    })  # fmt: skip
+    cfg = load_config(tmp_path / "b.yaml", BenchConfig)
+    raw = trial_config(cfg, Trial("m", None, 0))
+    assert raw["gedi"] == {"w_inv": 0.1, "w_prior": 0.5}  # the method's own key wins
+    assert raw["optim"] == {"gedi_only_steps": 150, "epochs": 2, "seed": 0}
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({"a.yaml": "extends: b.yaml\n", "b.yaml": "extends: a.yaml\n"},
+         r"config file .*b.yaml: extends makes a cycle \(.*a.yaml -> .*b.yaml -> .*a.yaml\)"),
+        ({"a.yaml": "methods: {m: {extends: a.yaml}}\n"}, r"a.yaml: extends makes a cycle"),
+        ({"a.yaml": "extends: gone.yaml\n"},
+         r"config file .*gone.yaml \(extended by .*a.yaml\) does not exist; fix the extends"),
+        ({"a.yaml": "extends: b.yaml\n", "b.yaml": "- 1\n"},
+         r"file .*b.yaml \(extended by .*a.yaml\) must hold a mapping of sections, got list"),
+        ({"a.yaml": "extends: [b.yaml]\n"}, r"a.yaml: extends = \['b.yaml'\]; give one YAML file"),
+    ],
+)  # fmt: skip
+def test_bad_extends_is_a_one_line_error_naming_the_files(tmp_path, files, message):
+    _write(tmp_path, files)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(tmp_path / "a.yaml", BenchConfig)
+    assert "\n" not in str(err.value)
+
+
+def _band_bench(tmp_path, **band) -> BenchConfig:
+    return from_dict(BenchConfig, {
+        "out_dir": str(tmp_path), "seeds": [0],
+        "base": {"task": {"name": "mnist_half"}, "gedi": {"w_gen": 0.0, "w_inv": 0.0}},
+        "methods": {"g": {"gedi.w_gen": 0.1, "gedi.w_inv": 0.05, "sgld": {"n_steps": 5}},
+                    "h": {"gedi.w_inv": 0.2}},
+        "band": band,
+    })  # fmt: skip
+
+
+def test_band_scales_one_key_of_a_method_at_a_time(tmp_path):
+    cfg = _band_bench(tmp_path, methods=["g"], keys=["gedi.w_gen", "gedi.w_prior"])
+    assert [t.name for t in trials(cfg)] == [
+        "w_gen_x0.5-s0", "w_gen_x2-s0", "w_prior_x0.5-s0", "w_prior_x2-s0",
+    ]  # fmt: skip
+    methods = bench_methods(cfg)
+    assert methods["w_gen_x0.5"] == {"gedi.w_gen": 0.05, "gedi.w_inv": 0.05, "sgld.n_steps": 5}
+    assert methods["w_prior_x2"]["gedi.w_prior"] == 2.0  # the default (1.0), doubled
+    steps = _band_bench(tmp_path, methods=["g"], keys=["sgld.n_steps"])
+    assert bench_methods(steps)["n_steps_x2"]["sgld.n_steps"] == 10  # an int setting stays int
+    with pytest.raises(ConfigError, match="trial n_steps_x0.5-s0: config key sgld.n_steps = 2.5"):
+        trials(steps)
+    two = _band_bench(tmp_path, methods=["g", "h"], keys=["gedi.w_inv"], factors=[2])
+    assert [t.name for t in trials(two)] == ["g@w_inv_x2-s0", "h@w_inv_x2-s0"]
+    assert bench_methods(two)["h@w_inv_x2"] == {"gedi.w_inv": 0.4}
+
+
+@pytest.mark.parametrize(
+    "band, message",
+    [
+        ({"methods": ["x"]}, r"band.methods = \['x'\]: name one or more of the bench's methods"),
+        ({"methods": ["g"], "keys": ["gedi.w_gen", "sgld.w_gen"]}, "distinct last parts"),
+        ({"methods": ["g"], "factors": [1, 2]}, "distinct positive factors other than 1"),
+        ({"methods": ["h"], "keys": ["gedi.w_gen"]}, "gedi.w_gen = 0.0 in method h: a band"),
+        ({"methods": ["g"], "keys": ["gedi.nope"]}, "'gedi.nope' is not a run-config setting"),
+    ],
+)
+def test_bad_bands_are_refused(tmp_path, band, message):
+    with pytest.raises(ConfigError, match=message):
+        trials(_band_bench(tmp_path, **band))
+
+
+# The files the shipped configs replaced, as they were at commit e3b2a6c (comments left out).
+HALF_OVERCLUSTER_BAND = """
+name: bench_half_overcluster_band
+out_dir: runs/bench
+seeds: [0, 1, 2, 3, 4]
+base:
+  task: {name: mnist_half}
+  model: {clusters_per_value: 2}
+  gedi: {w_gen: 0.1, energy_reg: 0.01, w_inv: 0.05, w_prior: 0.5}
+  sgld: {n_steps: 5}
+  optim: {epochs: 10, batch_size: 64, gedi_only_steps: 150, relabel_every: 46}
+  logic: {cache_dir: runs/bench/circuits}
+methods:
+  w_gen_x0.5: {gedi.w_gen: 0.05}
+  w_gen_x2: {gedi.w_gen: 0.2}
+  w_inv_x0.5: {gedi.w_inv: 0.025}
+  w_inv_x2: {gedi.w_inv: 0.1}
+  w_prior_x0.5: {gedi.w_prior: 0.25}
+  w_prior_x2: {gedi.w_prior: 1.0}
+"""
+EVENODD = """
+name: bench_evenodd
+out_dir: runs/bench
+seeds: [0, 1, 2, 3, 4]
+base:
+  task: {name: mnist_evenodd}
+  gedi: {w_gen: 0.0, w_inv: 0.0, w_prior: 0.0}
+  optim: {epochs: 10, batch_size: 64}
+  logic: {cache_dir: runs/bench/circuits}
+methods:
+  dpl+gedi: {gedi.w_gen: 0.1, gedi.energy_reg: 0.01, gedi.w_inv: 0.05, gedi.w_prior: 0.5,
+             optim.gedi_only_steps: 150, sgld.n_steps: 5}
+  dpl+gedi-nogen: {gedi.w_inv: 0.05, gedi.w_prior: 0.5, optim.gedi_only_steps: 150}
+  dpl+swav: {gedi.method: swav, gedi.w_inv: 0.5, optim.gedi_only_steps: 150}
+  dpl: {}
+  dpl+entropy: {gedi.w_marginal_entropy: 1.0}
+  dpl+1label: {supervision.labels_per_class: 1}
+"""
+HALF = EVENODD.replace("bench_evenodd", "bench_half").replace("mnist_evenodd", "mnist_half")
+EVENODD_1LABEL = """
+name: bench_evenodd_1label
+out_dir: runs/bench
+seeds: [0, 1, 2, 3, 4]
+base:
+  task: {name: mnist_evenodd}
+  gedi: {w_gen: 0.0, w_inv: 0.0, w_prior: 0.0}
+  optim: {epochs: 10, batch_size: 64}
+  logic: {cache_dir: runs/bench/circuits}
+  supervision: {labels_per_class: 1, augment: true}
+methods:
+  dpl+gedi-nogen+1label: {gedi.w_inv: 0.05, gedi.w_prior: 0.5, optim.gedi_only_steps: 150}
+  dpl+1label: {}
+"""
+HALF_OVERCLUSTER = """
+name: bench_half_overcluster
+out_dir: runs/bench
+seeds: [0, 1, 2, 3, 4]
+base:
+  task: {name: mnist_half}
+  model: {clusters_per_value: 2}
+  gedi: {w_gen: 0.0, w_inv: 0.05, w_prior: 0.5}
+  optim: {epochs: 10, batch_size: 64, gedi_only_steps: 150, relabel_every: 46}
+  logic: {cache_dir: runs/bench/circuits}
+methods:
+  dpl+gedi+oc: {gedi.w_gen: 0.1, gedi.energy_reg: 0.01, sgld.n_steps: 5}
+  dpl+gedi-nogen+oc: {}
+"""
+EVENODD_RELABEL = """
+name: bench_evenodd_relabel
+out_dir: runs/bench
+seeds: [0, 1, 2, 3, 4]
+restarts: 3
+select_by: train_min_usage_c
+base:
+  task: {name: mnist_evenodd}
+  gedi: {w_gen: 0.0, w_inv: 0.0, w_prior: 0.0}
+  optim: {epochs: 10, batch_size: 64}
+  logic: {cache_dir: runs/bench/circuits}
+methods:
+  dpl+gedi-nogen+relabel: {gedi.w_inv: 0.05, gedi.w_prior: 0.5, gedi.clean_view: true,
+                           optim.gedi_only_steps: 150, optim.relabel_every: 105}
+"""
+ADDITION_SMALL = """
+name: bench_addition_small
+out_dir: runs/bench
+seeds: [0, 1, 2]
+size_key: task.n_train
+sizes: [100, 300, 1000]
+base:
+  task: {name: mnist_addition, n_digits: 1, n_val: 200, n_test: 1000, n_unlabelled: 5000}
+  gedi: {w_gen: 0.0, w_inv: 0.0, w_prior: 0.0}
+  optim: {epochs: 1000, max_steps: 750, batch_size: 16, eval_every: 75}
+  logic: {cache_dir: runs/bench/circuits}
+methods:
+  dpl: {}
+  dpl+entropy: {gedi.w_marginal_entropy: 1.0}
+  dpl+1label: {supervision.labels_per_class: 1}
+  dpl+gedi: {gedi.w_gen: 0.1, gedi.energy_reg: 0.01, gedi.w_inv: 0.1, gedi.w_prior: 0.1,
+             optim.extra_images: 32}
+  dpl+gedi-nogen: {gedi.w_inv: 0.1, gedi.w_prior: 0.1, optim.extra_images: 32}
+  dpl+swav: {gedi.method: swav, gedi.w_inv: 0.1, optim.extra_images: 32}
+"""
+
+
+@pytest.mark.parametrize(
+    "name, before",
+    [
+        ("bench_half", HALF),  # methods that extend recipes, a base from shortcut_bench.yaml
+        ("bench_half_overcluster", HALF_OVERCLUSTER),
+        ("bench_half_overcluster_band", HALF_OVERCLUSTER_BAND),  # extends a bench, band axis
+        ("bench_evenodd", EVENODD),  # extends bench_half.yaml
+        ("bench_evenodd_1label", EVENODD_1LABEL),  # a base that extends a recipe
+        ("bench_evenodd_relabel", EVENODD_RELABEL),  # a recipe plus the method's own keys
+        ("bench_addition_small", ADDITION_SMALL),  # a size axis, the addition recipes
+    ],
+)
+def test_shipped_benches_give_the_trials_of_the_files_they_replaced(tmp_path, name, before):
+    (tmp_path / f"{name}.yaml").write_text(before)
+    old = load_config(tmp_path / f"{name}.yaml", BenchConfig)
+    new = load_config(CONFIGS / f"{name}.yaml", BenchConfig)
+    assert new.name == old.name and new.out_dir == old.out_dir  # the same bench folder
+    assert [t.name for t in trials(new)] == [t.name for t in trials(old)]
+    for trial in trials(old):
+        assert trial_config(new, trial) == trial_config(old, trial), trial.name
+
+
+def test_the_main_job_is_the_config_it_was_before_its_recipe_moved():
+    before = {
+        "name": "mnist_addition",
+        "task": {"name": "mnist_addition", "n_digits": 1, "n_train": 300, "n_val": 200,
+                 "n_unlabelled": 5000},
+        "gedi": {"w_gen": 0.0, "w_inv": 0.1, "w_prior": 0.1},
+        "optim": {"epochs": 40, "batch_size": 16, "extra_images": 32},
+    }  # fmt: skip
+    now = load_config(CONFIGS / "mnist_addition.yaml", NesyRunConfig)
+    assert to_dict(now) == to_dict(from_dict(NesyRunConfig, before))
+
+
+RESULT_CONFIGS = [
+    p for p in sorted(CONFIGS.rglob("*.yaml"))
+    if p.name not in {"gedi_mnist.yaml", "smoke.yaml", "smoke_train.yaml"}  # runs, not recipes
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("path", RESULT_CONFIGS, ids=lambda p: p.name)
+def test_every_recipe_and_bench_says_what_it_is_for_and_whether_it_is_current(path):
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.removeprefix("#").strip())
+    assert header, f"{path.name}: start with a comment saying what it is for"
+    assert "Status: current" in " ".join(header), f"{path.name}: say whether it is current"
