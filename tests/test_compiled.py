@@ -1,4 +1,5 @@
-"""Compiled exact inference (gedi_nesy/logic/compiled.py, circuit.py, template.py, batch.py) against stock DeepProbLog.
+"""Compiled exact inference (gedi_nesy/logic/: compiled, circuit, template, batch) against
+stock DeepProbLog.
 
 Every comparison builds DeepProbLog's own model (stock Network, GraphSemiring, ``set_engine``,
 ``Model.solve``) on the same fixed tables and checks probabilities (to 1e-9 in float64) and
