@@ -1,4 +1,5 @@
-"""Compiled exact inference (gedi_nesy/logic/compiled.py) against stock DeepProbLog.
+"""Compiled exact inference (gedi_nesy/logic/: compiled, circuit, template, batch) against
+stock DeepProbLog.
 
 Every comparison builds DeepProbLog's own model (stock Network, GraphSemiring, ``set_engine``,
 ``Model.solve``) on the same fixed tables and checks probabilities (to 1e-9 in float64) and
@@ -26,8 +27,9 @@ from deepproblog.query import Query
 from problog.logic import Constant, Term, Var, list2term
 
 from gedi_nesy.errors import DataError, ProgramError
-from gedi_nesy.logic.compiled import CompiledLogic, default_cache_dir, query_template
+from gedi_nesy.logic.compiled import CompiledLogic
 from gedi_nesy.logic.program import ProbabilityTable
+from gedi_nesy.logic.template import default_cache_dir, query_template
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = ROOT / "programs"

@@ -1,5 +1,6 @@
-"""Logic-guided relabelling: the branch-and-bound search on hand-built groups, and the trainer
-step that renames a network's concept values on real queries of programs/addition.pl."""
+"""Logic-guided relabelling: the branch-and-bound search on hand-built groups, the program oracle
+and the search on real queries of programs/addition.pl, and the trainer step that renames a
+network's concept values."""
 
 from __future__ import annotations
 
@@ -13,10 +14,16 @@ from deepproblog.query import Query
 from problog.logic import Constant, Term
 
 from gedi_nesy.config import AugmentConfig, GediConfig, NesyOptimConfig, SGLDConfig
-from gedi_nesy.errors import ConfigError
+from gedi_nesy.errors import ConfigError, DataError
 from gedi_nesy.gedi.nets import pool_values
 from gedi_nesy.logic.compiled import CompiledLogic
-from gedi_nesy.shortcuts.relabel import Relabelling, best_cluster_map, best_permutation
+from gedi_nesy.logic.oracle import one_hot_query_prob
+from gedi_nesy.shortcuts.relabel import (
+    Relabelling,
+    best_cluster_map,
+    best_permutation,
+    find_relabelling,
+)
 from gedi_nesy.train.experiment import _FitState, _relabel, _relabel_due, _validate
 from gedi_nesy.train.joint import JointTrainer
 
@@ -178,6 +185,48 @@ def test_cluster_map_search_equals_brute_force(seed):
 def test_bad_cluster_map_input_is_a_one_line_error(current, usage, share, match):
     with pytest.raises(ConfigError, match=match):
         best_cluster_map(3, current, [], lambda g, m: 1.0, usage, min_share=share)
+
+
+def _img(i):
+    return Term("tensor", Term("img", Constant(i)))
+
+
+SLIP = ADDITION.read_text() + "0.3::slip.\nslipped(X, Y, Z) :- addition(X, Y, Z), slip.\n"
+
+
+def test_the_oracle_asks_the_program_with_inputs_known_for_sure():
+    logic = CompiledLogic(ADDITION, {"digit_net": 10})
+    query = _query(0, 1, 5)
+    assert one_hot_query_prob(logic, "digit_net", query, {_img(0): 2, _img(1): 3}) == 1.0
+    assert one_hot_query_prob(logic, "digit_net", query, {_img(0): 2, _img(1): 4}) == 0.0
+    slipped = Query(Term("slipped", _img(0), _img(1), Constant(5)))
+    p = one_hot_query_prob(CompiledLogic(SLIP, {"digit_net": 10}), "digit_net", slipped,
+                           {_img(0): 1, _img(1): 4})  # fmt: skip
+    assert p == pytest.approx(0.3, abs=1e-15)  # p = 0.3: the sum holds, the slip is a fact
+    with pytest.raises(DataError, match="network 'sign_net' is not one of"):
+        one_hot_query_prob(logic, "sign_net", query, {_img(0): 2})
+    with pytest.raises(DataError, match=r"each must be in 0\.\.9"):
+        one_hot_query_prob(logic, "digit_net", query, {_img(0): 2, _img(1): 10})
+
+
+DIGITS = list(range(10)) * 2  # image i shows digit i % 10
+PAIRS = [(i, j) for i in range(20) for j in range(20) if (i * 7 + j) % 5 == 0]
+
+
+def test_the_relabelling_names_units_from_the_queries_and_the_program_alone():
+    logic = CompiledLogic(ADDITION, {"digit_net": 10})
+    queries = [_query(i, j, DIGITS[i] + DIGITS[j]) for i, j in PAIRS]
+    wrong = [0, 1, 6, 3, 8, 5, 2, 7, 4, 9]  # the unit of digit d: 2<->6, 4<->8
+    unit_of = {_img(i): wrong[d] for i, d in enumerate(DIGITS)}
+    found = find_relabelling(logic, "digit_net", unit_of, queries, 10)
+    assert found.value == found.total == len(queries) > found.current_value
+    assert [found.mapping[wrong[d]] for d in range(10)] == list(range(10))
+    # 20 clusters: image i of digit d sits in cluster d (i < 10) or 10 + d; cluster 9 is called 8
+    unit_of = {_img(i): d + 10 * (i >= 10) for i, d in enumerate(DIGITS)}
+    current = [0, 1, 2, 3, 4, 5, 6, 7, 8, 8] + list(range(10))
+    found = find_relabelling(logic, "digit_net", unit_of, queries, 10, current=current)
+    assert found.mapping == tuple(range(10)) * 2 and found.value == found.total
+    assert found.current_min_usage == 1.0 and found.min_usage == 2.0  # images called 9
 
 
 class _LabelNet(torch.nn.Module):

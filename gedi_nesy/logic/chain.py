@@ -79,7 +79,7 @@ class ColumnChainLogic:
     """N-digit addition programs solved exactly as chains of compiled ``column/5`` circuits.
 
     A drop-in for :class:`~gedi_nesy.logic.compiled.CompiledLogic` on ``add(As, Bs, S)`` queries
-    (``query_probs``, ``answer_probs``, ``best_answers``); see the module docstring.
+    (the :class:`~gedi_nesy.logic.engine.LogicEngine` methods); see the module docstring.
 
     Args:
         logic: the compiled engine over the program; it evaluates the columns.
@@ -160,14 +160,25 @@ class ColumnChainLogic:
         Returns:
             (probs, provable), each flat in (query, column, cell) order.
         """
-        terms = [
+        probs, provable = self.logic.query_probs(self._cell_terms(parsed, cells), tables)
+        return probs, provable.to(probs.device)
+
+    def _cell_terms(
+        self,
+        parsed: Sequence[tuple[list[Term], list[Term], Any]],
+        cells: Sequence[Sequence[Sequence[tuple[int, int, int]]]],
+    ) -> list[Term]:
+        """The terms ``column(A_j, B_j, c, d, c')``, flat in (query, column, cell) order."""
+        return [
             Term(self.column, a[j], b[j], Constant(c), Constant(d), Constant(e))
             for (a, b, _), asked in zip(parsed, cells)
             for j, column in enumerate(asked)
             for c, d, e in column
         ]
-        probs, provable = self.logic.query_probs(terms, tables)
-        return probs, provable.to(probs.device)
+
+    def _every_cell(self) -> list[tuple[int, int, int]]:
+        """Every cell (carry in, digit, carry out) of a column."""
+        return [(c, d, e) for c in (0, 1) for d in range(self.base) for e in (0, 1)]
 
     def query_probs(
         self, queries: Sequence[Query | Term], tables: Mapping[str, ProbabilityTable]
@@ -216,8 +227,7 @@ class ColumnChainLogic:
         """P(S = s) and whether s is provable, (Q, 2 * base^N) each."""
         parsed = [self._parse(q, open_output=True) for q in queries]
         n = self._digits(parsed)
-        every = [(c, d, e) for c in (0, 1) for d in range(self.base) for e in (0, 1)]
-        probs, provable = self._columns(parsed, [[every] * n] * len(parsed), tables)
+        probs, provable = self._columns(parsed, [[self._every_cell()] * n] * len(parsed), tables)
         shape = (len(parsed), n, 2, self.base, 2)
         dist = sum_distribution(probs.view(shape))
         proof = sum_distribution(provable.to(probs.dtype).view(shape)) > 0
@@ -256,6 +266,21 @@ class ColumnChainLogic:
         masked = torch.where(proof, dist, torch.full_like(dist, -1.0))
         best = masked.argmax(1).tolist()  # first maximum: the smallest sum
         return [Constant(s) if bool(proof[q].any()) else None for q, s in enumerate(best)]
+
+    def referenced_keys(self, queries: Sequence[Query | Term]) -> dict[str, list[Term]]:
+        """The inputs each network is asked about: those the column circuits of every cell of
+        every column of the queries read.
+
+        Args:
+            queries: ``add(As, Bs, S)`` queries (S given or open; any mix of N).
+
+        Returns:
+            Network name -> distinct input terms, first-seen order (least significant column
+            first); networks the queries never reach are absent.
+        """
+        parsed = [self._parse(q, open_output=True) for q in queries]
+        cells = [[self._every_cell()] * len(a) for a, _, _ in parsed]
+        return self.logic.referenced_keys(self._cell_terms(parsed, cells))
 
     def check_against_program(self) -> None:
         """The chain equals the program's own ``add/3`` on two-digit queries, or ProgramError."""

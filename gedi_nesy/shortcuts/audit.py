@@ -10,8 +10,8 @@ perfect training accuracy with the wrong concepts.
 Two parts: :func:`find_concept_maps`, a pure backtracking search over a ``satisfied(concepts,
 label) -> bool`` callable, and :class:`ProgramOracle`, which answers that callable with the
 program's own semantics (exact DeepProbLog inference through
-:class:`~gedi_nesy.logic.dpl.LogicModel` with one-hot probability tables), so no task
-arithmetic is hard-coded. :func:`audit` joins them.
+:class:`~gedi_nesy.logic.dpl.LogicModel` with one-hot probability tables, the oracle of
+:mod:`gedi_nesy.logic.oracle`), so no task arithmetic is hard-coded. :func:`audit` joins them.
 
 The search assigns the concepts one at a time, in an order that completes worlds early
 (:func:`assignment_order`); after each assignment it checks every world whose concepts are now
@@ -28,11 +28,9 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import torch
-
 from gedi_nesy.errors import ConfigError, ProgramError
 from gedi_nesy.logic.dpl import LogicModel
-from gedi_nesy.logic.program import ProbabilityTable
+from gedi_nesy.logic.oracle import one_hot_query_prob
 
 if TYPE_CHECKING:
     from deepproblog.query import Query
@@ -285,10 +283,8 @@ class ProgramOracle:
     def __call__(self, concepts: tuple[int, ...], label: Hashable) -> bool:
         query = self.query_builder(CONCEPT_SOURCE, concepts, label)
         keys = self.logic.referenced_keys([query]).get(self.network, [])
-        index = [_concept_index(key, CONCEPT_SOURCE) for key in keys]
-        rows = torch.eye(self.domain_size, dtype=torch.float64)[index]  # (n_keys, K) one-hot
-        table = ProbabilityTable(keys, rows)
-        p = float(self.logic.query_probs([query], {self.network: table}).probs[0])
+        values = {key: _concept_index(key, CONCEPT_SOURCE) for key in keys}
+        p = one_hot_query_prob(self.logic, self.network, query, values)
         if p >= 1.0 - _EXACT_TOL:
             return True
         if p <= _EXACT_TOL:

@@ -1,13 +1,14 @@
-"""Evaluation metrics: clustering quality (standalone GEDI) and reasoning shortcuts (NeSy tasks).
+"""Evaluation metrics: reasoning shortcuts (concept metrics of NeSy tasks) and, from
+:mod:`gedi_nesy.shortcuts.clustering`, clustering quality (standalone GEDI).
 
 Every function is pure and takes numpy arrays; torch tensors are accepted too (moved to the CPU and
 converted with ``np.asarray``). Label arrays are 1-D integer arrays; concept labels of several
 positions (e.g. both digits of a pair) are pooled by the caller with ``.reshape(-1)``. Bad input
 (empty arrays, mismatched shapes, labels out of range) raises ``ValueError`` with a one-line
-message.
+message (:mod:`gedi_nesy.shortcuts.checks`).
 
-Definitions follow ``shortcuts.md`` ("Metrics") and rsbench (Bortolotti et al., 2024); formulas,
-function names and report keys are listed in ``docs/metrics.md``.
+Definitions follow rsbench (Bortolotti et al., 2024); formulas, function names and report keys
+are listed in ``docs/metrics.md``.
 """
 
 from __future__ import annotations
@@ -16,265 +17,53 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 from scipy.special import entr
 from sklearn import metrics as skm
 
-# float32 softmax rows sum to 1 within ~1e-6; this tolerance only rejects non-probabilities
-_PROB_SUM_ATOL = 1e-3
+from gedi_nesy.shortcuts.checks import (
+    count_matrix,
+    label_array,
+    label_pair,
+    positive_count,
+    prob_rows,
+    score_array,
+)
+from gedi_nesy.shortcuts.clustering import (
+    ari,
+    cluster_usage,
+    clustering_accuracy,
+    clustering_report,
+    confusion_matrix,
+    hungarian_mapping,
+    n_used_clusters,
+    nmi,
+    ood_auroc,
+)
 
-
-def _as_array(x: Any) -> np.ndarray:
-    """Returns ``x`` as a numpy array; a torch tensor is detached and moved to the CPU first."""
-    if hasattr(x, "detach") and hasattr(x, "cpu"):
-        x = x.detach().cpu()
-    return np.asarray(x)
-
-
-def _labels(name: str, x: Any, n: int | None = None) -> np.ndarray:
-    """Validates a 1-D, non-empty integer label array, with values in [0, n) when n is given."""
-    a = _as_array(x)
-    if a.ndim != 1:
-        raise ValueError(
-            f"{name} must be a 1-D label array, got shape {a.shape}; "
-            "pool positions with .reshape(-1) before calling"
-        )
-    if a.size == 0:
-        raise ValueError(f"{name} is empty; pass at least one label")
-    if not np.issubdtype(a.dtype, np.integer):
-        raise ValueError(
-            f"{name} must hold integer labels, got dtype {a.dtype}; "
-            "pass class indices (e.g. probs.argmax(-1)), not probabilities"
-        )
-    if n is not None and (a.min() < 0 or a.max() >= n):
-        raise ValueError(
-            f"{name} has labels in [{a.min()}, {a.max()}], allowed [0, {n - 1}]; "
-            f"fix the labels or raise the class count {n}"
-        )
-    return a
-
-
-def _pair(
-    true: Any, pred: Any, n_true: int | None = None, n_pred: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Validates a (true, pred) pair of label arrays of equal length."""
-    t = _labels("true", true, n_true)
-    p = _labels("pred", pred, n_pred)
-    if t.shape != p.shape:
-        raise ValueError(
-            f"true and pred differ in length ({t.shape[0]} vs {p.shape[0]}); "
-            "pass one prediction per label"
-        )
-    return t, p
-
-
-def _count(name: str, n: int) -> int:
-    """Validates a class or cluster count."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"{name} must be a positive int, got {n!r}")
-    return int(n)
-
-
-def _scores(name: str, x: Any) -> np.ndarray:
-    """Validates a 1-D, non-empty, finite array of real values."""
-    a = _as_array(x).astype(np.float64)
-    if a.ndim != 1 or a.size == 0:
-        raise ValueError(f"{name} must be a non-empty 1-D array, got shape {a.shape}")
-    if not np.isfinite(a).all():
-        raise ValueError(f"{name} contains NaN or inf; pass finite values")
-    return a
-
-
-def _probs(probs: Any) -> np.ndarray:
-    """Validates an (N, K) array of probability rows."""
-    p = _as_array(probs).astype(np.float64)
-    if p.ndim != 2 or p.shape[0] == 0 or p.shape[1] == 0:
-        raise ValueError(f"probs must be a non-empty (N, K) array, got shape {p.shape}")
-    if not np.isfinite(p).all() or p.min() < 0.0:
-        raise ValueError("probs has NaN, inf or negative entries; pass softmax outputs")
-    row_sums = p.sum(axis=1)  # (N,)
-    if np.abs(row_sums - 1.0).max() > _PROB_SUM_ATOL:
-        raise ValueError(
-            f"probs rows must sum to 1, got sums in [{row_sums.min():.4g}, {row_sums.max():.4g}]; "
-            "apply softmax to logits first"
-        )
-    return p
-
-
-def _matrix(matrix: Any) -> np.ndarray:
-    """Validates a square, non-empty, non-negative confusion matrix (rows = true)."""
-    m = _as_array(matrix).astype(np.float64)
-    if m.ndim != 2 or m.shape[0] == 0 or m.shape[0] != m.shape[1]:
-        raise ValueError(
-            f"matrix must be a square (K, K) confusion matrix, got shape {m.shape}; "
-            "build it with confusion_matrix(true, pred, k, k)"
-        )
-    if not np.isfinite(m).all() or m.min() < 0.0:
-        raise ValueError("matrix has NaN, inf or negative entries; pass counts")
-    return m
-
-
-# ---------------------------------------------------------------------------------------------
-# Clustering (standalone GEDI)
-# ---------------------------------------------------------------------------------------------
-
-
-def confusion_matrix(true: Any, pred: Any, n_true: int, n_pred: int) -> np.ndarray:
-    """Counts of each (true label, predicted label or cluster) pair.
-
-    Args:
-        true: true labels, shape (N,), values in [0, n_true).
-        pred: predicted labels or cluster ids, shape (N,), values in [0, n_pred).
-        n_true: number of true classes (rows).
-        n_pred: number of predicted classes or clusters (columns).
-
-    Returns:
-        Integer matrix M, shape (n_true, n_pred); M[i, j] = #{n : true_n = i and pred_n = j}.
-    """
-    n_true, n_pred = _count("n_true", n_true), _count("n_pred", n_pred)
-    t, p = _pair(true, pred, n_true, n_pred)
-    flat = np.bincount(t * n_pred + p, minlength=n_true * n_pred)  # (n_true * n_pred,)
-    return flat.reshape(n_true, n_pred).astype(np.int64)  # (n_true, n_pred)
-
-
-def hungarian_mapping(true: Any, pred: Any, n_true: int, n_pred: int) -> np.ndarray:
-    """One-to-one cluster -> label assignment that maximises the number of matches.
-
-    Solved with ``scipy.optimize.linear_sum_assignment`` on the confusion matrix. With more
-    clusters than labels, the clusters left without a label map to -1 (never counted correct);
-    with fewer, some labels receive no cluster.
-
-    Args:
-        true: true labels, shape (N,), values in [0, n_true).
-        pred: cluster ids, shape (N,), values in [0, n_pred).
-        n_true: number of true classes.
-        n_pred: number of clusters.
-
-    Returns:
-        Integer array, shape (n_pred,): the label of each cluster, or -1 for unmatched clusters.
-    """
-    m = confusion_matrix(true, pred, n_true, n_pred)  # (n_true, n_pred)
-    clusters, labels = linear_sum_assignment(m.T, maximize=True)  # min(n_true, n_pred) pairs
-    mapping = np.full(n_pred, -1, dtype=np.int64)  # (n_pred,)
-    mapping[clusters] = labels
-    return mapping
-
-
-def clustering_accuracy(true: Any, pred: Any, n_true: int, n_pred: int | None = None) -> float:
-    """Accuracy after relabelling clusters with :func:`hungarian_mapping` (Hungarian-matched Acc).
-
-    Args:
-        true: true labels, shape (N,), values in [0, n_true).
-        pred: cluster ids, shape (N,), values in [0, n_pred).
-        n_true: number of true classes.
-        n_pred: number of clusters; defaults to ``n_true``.
-
-    Returns:
-        Fraction of samples whose matched cluster label equals the true label, in [0, 1].
-    """
-    n_pred = n_true if n_pred is None else n_pred
-    mapping = hungarian_mapping(true, pred, n_true, n_pred)  # (n_pred,)
-    t, p = _pair(true, pred)
-    return float(np.mean(mapping[p] == t))
-
-
-def nmi(true: Any, pred: Any) -> float:
-    """Normalised mutual information (arithmetic normalisation, sklearn's default).
-
-    Args:
-        true: true labels, shape (N,).
-        pred: predicted labels or cluster ids, shape (N,).
-
-    Returns:
-        NMI in [0, 1]; invariant to relabelling of either side.
-    """
-    t, p = _pair(true, pred)
-    return float(skm.normalized_mutual_info_score(t, p))
-
-
-def ari(true: Any, pred: Any) -> float:
-    """Adjusted Rand index.
-
-    Args:
-        true: true labels, shape (N,).
-        pred: predicted labels or cluster ids, shape (N,).
-
-    Returns:
-        ARI in [-0.5, 1]; 1 for identical partitions, about 0 for random ones.
-    """
-    t, p = _pair(true, pred)
-    return float(skm.adjusted_rand_score(t, p))
-
-
-def cluster_usage(pred: Any, k: int) -> np.ndarray:
-    """Fraction of samples assigned to each cluster.
-
-    Args:
-        pred: cluster ids, shape (N,), values in [0, k).
-        k: number of clusters.
-
-    Returns:
-        Float array, shape (k,), summing to 1.
-    """
-    k = _count("k", k)
-    p = _labels("pred", pred, k)
-    return np.bincount(p, minlength=k) / p.size  # (k,)
-
-
-def n_used_clusters(pred: Any, k: int) -> int:
-    """Number of clusters that receive at least one sample.
-
-    Args:
-        pred: cluster ids, shape (N,), values in [0, k).
-        k: number of clusters.
-
-    Returns:
-        Count in [1, k].
-    """
-    return int(np.count_nonzero(cluster_usage(pred, k)))
-
-
-def ood_auroc(score_in: Any, score_out: Any) -> float:
-    """AUROC of telling in-distribution from out-of-distribution samples by a score.
-
-    Args:
-        score_in: scores of in-distribution samples, shape (N_in,); higher = more in-distribution
-            (e.g. the negative energy, logsumexp of the logits).
-        score_out: scores of out-of-distribution samples, shape (N_out,).
-
-    Returns:
-        AUROC in [0, 1] (``sklearn.metrics.roc_auc_score``, in = positive class); 1 when every
-        in-distribution score is above every out-of-distribution score, 0.5 for chance.
-    """
-    s_in, s_out = _scores("score_in", score_in), _scores("score_out", score_out)
-    y = np.concatenate([np.ones(s_in.size), np.zeros(s_out.size)])  # (N_in + N_out,)
-    return float(skm.roc_auc_score(y, np.concatenate([s_in, s_out])))
-
-
-def clustering_report(true: Any, pred: Any, k: int) -> dict[str, float | list]:
-    """Clustering metrics of k clusters against k true classes, with stable key names.
-
-    Args:
-        true: true labels, shape (N,), values in [0, k).
-        pred: cluster ids, shape (N,), values in [0, k).
-        k: number of classes and of clusters.
-
-    Returns:
-        Dict with ``cluster_acc`` (Hungarian-matched), ``cluster_nmi``, ``cluster_ari``,
-        ``cluster_usage`` (list of k fractions) and ``n_used_clusters``.
-    """
-    return {
-        "cluster_acc": clustering_accuracy(true, pred, k, k),
-        "cluster_nmi": nmi(true, pred),
-        "cluster_ari": ari(true, pred),
-        "cluster_usage": cluster_usage(pred, k).tolist(),
-        "n_used_clusters": n_used_clusters(pred, k),
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Reasoning shortcuts (shortcuts.md, "Metrics")
-# ---------------------------------------------------------------------------------------------
+__all__ = [
+    "accuracy",
+    "ari",
+    "cluster_usage",
+    "clustering_accuracy",
+    "clustering_report",
+    "concept_ece",
+    "concept_report",
+    "confusion_matrix",
+    "hard_concept_collapse",
+    "hungarian_mapping",
+    "implemented_concept_map",
+    "is_intended_map",
+    "macro_f1",
+    "mean_normalized_entropy",
+    "mean_per_class_accuracy",
+    "n_used_clusters",
+    "nmi",
+    "ood_auroc",
+    "per_class_accuracy",
+    "rs_rate",
+    "soft_concept_collapse",
+    "weighted_f1",
+]
 
 
 def accuracy(true: Any, pred: Any) -> float:
@@ -287,7 +76,7 @@ def accuracy(true: Any, pred: Any) -> float:
     Returns:
         Fraction of positions where pred equals true, in [0, 1].
     """
-    t, p = _pair(true, pred)
+    t, p = label_pair(true, pred)
     return float(np.mean(t == p))
 
 
@@ -305,7 +94,7 @@ def macro_f1(true: Any, pred: Any) -> float:
     Returns:
         Macro F1 in [0, 1].
     """
-    t, p = _pair(true, pred)
+    t, p = label_pair(true, pred)
     return float(skm.f1_score(t, p, average="macro", zero_division=0))
 
 
@@ -322,7 +111,7 @@ def weighted_f1(true: Any, pred: Any) -> float:
     Returns:
         Weighted F1 in [0, 1].
     """
-    t, p = _pair(true, pred)
+    t, p = label_pair(true, pred)
     return float(skm.f1_score(t, p, average="weighted", zero_division=0))
 
 
@@ -335,7 +124,7 @@ def per_class_accuracy(matrix: Any) -> np.ndarray:
     Returns:
         Float array, shape (K,): M_ii / sum_j M_ij, NaN for classes with no true sample.
     """
-    m = _matrix(matrix)  # (K, K)
+    m = count_matrix(matrix)  # (K, K)
     support = m.sum(axis=1)  # (K,)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(support > 0, np.diag(m) / support, np.nan)  # (K,)
@@ -350,7 +139,7 @@ def mean_per_class_accuracy(matrix: Any) -> float:
     Returns:
         Mean of :func:`per_class_accuracy` over the rows with at least one sample, in [0, 1].
     """
-    m = _matrix(matrix)
+    m = count_matrix(matrix)
     if m.sum() == 0:
         raise ValueError("matrix has no samples (all counts are 0); pass a non-empty matrix")
     return float(np.nanmean(per_class_accuracy(m)))
@@ -367,7 +156,7 @@ def hard_concept_collapse(matrix: Any) -> float:
     Returns:
         Collapse in [0, 1 - 1/K]; 0 when every value is predicted at least once.
     """
-    m = _matrix(matrix)  # (K, K)
+    m = count_matrix(matrix)  # (K, K)
     used = m.max(axis=0) >= 1  # (K,) column j is predicted at least once
     return float(1.0 - used.sum() / m.shape[1])
 
@@ -384,7 +173,7 @@ def soft_concept_collapse(matrix: Any) -> float:
     Returns:
         Collapse in [0, 1 - 1/K]; 0 for any permutation of a perfect classifier.
     """
-    m = _matrix(matrix)  # (K, K)
+    m = count_matrix(matrix)  # (K, K)
     support = m.sum(axis=1, keepdims=True)  # (K, 1)
     m_hat = np.divide(m, support, out=np.zeros_like(m), where=support > 0)  # (K, K) Mhat
     return float(1.0 - np.minimum(1.0, m_hat.max(axis=0)).sum() / m.shape[1])
@@ -405,11 +194,11 @@ def concept_ece(probs: Any, true: Any, n_bins: int = 10) -> float:
     Returns:
         ECE in [0, 1].
     """
-    p = _probs(probs)  # (N, K)
-    t = _labels("true", true, p.shape[1])
+    p = prob_rows(probs)  # (N, K)
+    t = label_array("true", true, p.shape[1])
     if t.size != p.shape[0]:
         raise ValueError(f"probs has {p.shape[0]} rows but true has {t.size} labels; pass one each")
-    n_bins = _count("n_bins", n_bins)
+    n_bins = positive_count("n_bins", n_bins)
     conf = p.max(axis=1)  # (N,)
     correct = (p.argmax(axis=1) == t).astype(np.float64)  # (N,)
     edges = np.linspace(0.0, 1.0, n_bins + 1)  # (n_bins + 1,)
@@ -429,7 +218,7 @@ def mean_normalized_entropy(probs: Any) -> float:
     Returns:
         Value in [0, 1]; 0 for one-hot predictions, 1 for uniform ones.
     """
-    p = _probs(probs)  # (N, K)
+    p = prob_rows(probs)  # (N, K)
     if p.shape[1] < 2:
         raise ValueError(f"entropy needs K >= 2 concept values, got probs of shape {p.shape}")
     h = entr(p).sum(axis=1)  # (N,) H(p_n) in nats, 0 log 0 = 0
@@ -447,7 +236,7 @@ def implemented_concept_map(matrix: Any) -> tuple[int, ...]:
     Returns:
         Tuple of K ints: entry i is the value most often predicted for true value i.
     """
-    m = _matrix(matrix)  # (K, K)
+    m = count_matrix(matrix)  # (K, K)
     best = np.where(m.sum(axis=1) > 0, m.argmax(axis=1), -1)  # (K,)
     return tuple(int(v) for v in best)
 
@@ -491,8 +280,8 @@ def rs_rate(
     Returns:
         Fraction of seeds in [0, 1].
     """
-    acc_y = _scores("task_acc_id", task_acc_id)  # (S,)
-    acc_c = _scores("concept_acc", concept_acc)  # (S,)
+    acc_y = score_array("task_acc_id", task_acc_id)  # (S,)
+    acc_c = score_array("concept_acc", concept_acc)  # (S,)
     if acc_y.shape != acc_c.shape:
         raise ValueError(
             f"task_acc_id has {acc_y.size} seeds but concept_acc has {acc_c.size}; "
@@ -527,7 +316,7 @@ def concept_report(
         ``acc_c_per_class`` (k floats, NaN for absent classes) and ``concept_map`` (k ints).
     """
     m = confusion_matrix(true, pred, k, k)  # (k, k)
-    p = _probs(probs)  # (N, k)
+    p = prob_rows(probs)  # (N, k)
     if p.shape != (m.sum(), k):
         raise ValueError(f"probs must have shape ({m.sum()}, {k}), got {p.shape}")
     concept_map = implemented_concept_map(m)

@@ -32,13 +32,31 @@ bound over the units; a search stopped by its budget still returns at least the 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+import torch.nn as nn
 
 from gedi_nesy.errors import ConfigError
+from gedi_nesy.logic.oracle import one_hot_query_prob
+from gedi_nesy.logic.program import query_term, tensor_keys
 from gedi_nesy.shortcuts.audit import assignment_order
 
-__all__ = ["Relabelling", "best_cluster_map", "best_permutation"]
+if TYPE_CHECKING:
+    from deepproblog.query import Query
+    from problog.logic import Term
+
+    from gedi_nesy.logic.engine import LogicEngine
+
+__all__ = [
+    "Relabelling",
+    "best_cluster_map",
+    "best_permutation",
+    "find_relabelling",
+    "permute_units",
+    "relabel_layer",
+]
 
 Score = Callable[[int, tuple[int, ...]], float]  # (group index, mapped values) -> [0, 1]
 _EPS = 1e-9
@@ -332,3 +350,113 @@ def best_cluster_map(
         mapping, tuple(current), value, search.value_of(current), total, nodes, complete,
         search.min_usage_of(mapping), search.min_usage_of(current),
     )  # fmt: skip
+
+
+class _QueryGroup(NamedTuple):
+    """The queries of one shape whose inputs have the same predicted units."""
+
+    shape: str  # the query term with its inputs numbered: addition(#0, #1, 7)
+    units: tuple[int, ...]  # the predicted unit of each input, in order
+    query: Query  # the group's first query
+    keys: list[Term]  # its inputs, in order
+    count: int  # queries in the group
+
+
+def _group_queries(queries: Sequence[Query], unit_of: Mapping[Term, int]) -> list[_QueryGroup]:
+    """Group queries by (shape, predicted units), in order of first appearance."""
+    groups: dict[tuple[str, tuple[int, ...]], list] = {}  # -> [query, keys, count]
+    for q in queries:
+        keys = tensor_keys([q])
+        shape = str(query_term(q))
+        for i, key in enumerate(keys):
+            shape = shape.replace(str(key), f"#{i}")
+        units = tuple(unit_of[key] for key in keys)
+        groups.setdefault((shape, units), [q, keys, 0])[2] += 1
+    return [_QueryGroup(shape, units, *entry) for (shape, units), entry in groups.items()]
+
+
+def find_relabelling(
+    engine: LogicEngine,
+    network: str,
+    unit_of: Mapping[Term, int],
+    queries: Sequence[Query],
+    k: int,
+    *,
+    current: Sequence[int] | None = None,
+    min_share: float = 0.5,
+    max_nodes: int = 200_000,
+    device: torch.device | str | None = None,
+) -> Relabelling:
+    """The naming of a network's output units under which the program proves the most queries.
+
+    Queries are grouped by (shape, predicted units); a group's score under a naming is the
+    program's probability of its query with one-hot inputs at the named values
+    (:func:`~gedi_nesy.logic.oracle.one_hot_query_prob`), asked once per (shape, values).
+
+    Args:
+        engine: the logic engine over the program.
+        network: the relabelled network (the only one the queries reach).
+        unit_of: input term -> its predicted (argmax) unit, for every input of ``queries``.
+        queries: the queries that score a naming (e.g. the training queries).
+        k: the size of the network's nn/4 domain.
+        current: the value of each unit (cluster) now, for an overclustered network: the
+            search is :func:`best_cluster_map`, with each unit's usage counted over the
+            queries' inputs; None: one unit per value, the search is :func:`best_permutation`.
+        min_share: the least usage of a value under a cluster map, as a share of ``1 / k``.
+        max_nodes: search budget.
+        device: where the oracle's one-hot tables are built.
+
+    Returns:
+        The :class:`Relabelling` (not applied); scores count queries.
+    """
+    groups = _group_queries(queries, unit_of)
+    proved: dict[tuple[str, tuple[int, ...]], float] = {}  # groups of one shape share it
+
+    def score(g: int, mapped: tuple[int, ...]) -> float:
+        group = groups[g]
+        if (group.shape, mapped) not in proved:
+            values = dict(zip(group.keys, mapped))
+            p = one_hot_query_prob(engine, network, group.query, values, device=device)
+            proved[(group.shape, mapped)] = p
+        return proved[(group.shape, mapped)]
+
+    weighted = [(group.units, float(group.count)) for group in groups]
+    if current is None:
+        return best_permutation(k, weighted, score, max_nodes=max_nodes)
+    usage = [0] * len(current)  # inputs predicted as each unit
+    for key in tensor_keys(queries):
+        usage[unit_of[key]] += 1
+    return best_cluster_map(
+        k, current, weighted, score, usage, min_share=min_share, max_nodes=max_nodes
+    )
+
+
+def relabel_layer(nets: Mapping[str, nn.Module]) -> nn.Linear | None:
+    """The output layer a relabelling renames.
+
+    Args:
+        nets: network name -> module.
+
+    Returns:
+        The ``head`` linear layer of the only network; None with several networks or none such.
+    """
+    head = getattr(next(iter(nets.values())), "head", None)
+    return head if len(nets) == 1 and isinstance(head, nn.Linear) else None
+
+
+def permute_units(layer: nn.Linear, perm: Sequence[int], optimizer: torch.optim.Optimizer) -> None:
+    """Output unit ``c`` becomes unit ``perm[c]``: the rows of the weights and bias move, and
+    with them the optimiser's per-parameter state of the same shape (Adam's moments).
+
+    Args:
+        layer: the output layer, (M, D) weights.
+        perm: a permutation of ``0..M-1``.
+        optimizer: the optimiser of the layer's parameters; its state moves with the rows.
+    """
+    source = torch.empty(len(perm), dtype=torch.long)
+    source[torch.tensor(perm)] = torch.arange(len(perm))  # new row j <- old row source[j]
+    for param in layer.parameters():
+        param.data.copy_(param.data[source.to(param.device)])
+        for value in optimizer.state.get(param, {}).values():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                value.copy_(value[source.to(value.device)])

@@ -27,8 +27,13 @@ from gedi_nesy.errors import ConfigError
 from gedi_nesy.gedi.augment import augment as random_view
 from gedi_nesy.gedi.losses import GediLoss, active_parts, marginal_entropy_loss, weighted_total
 from gedi_nesy.gedi.objective import GediObjective
-from gedi_nesy.logic.program import ProbabilityTable, query_term, tensor_keys
-from gedi_nesy.shortcuts.relabel import Relabelling, best_cluster_map, best_permutation
+from gedi_nesy.logic.program import ProbabilityTable, tensor_keys
+from gedi_nesy.shortcuts.relabel import (
+    Relabelling,
+    find_relabelling,
+    permute_units,
+    relabel_layer,
+)
 from gedi_nesy.train.loop import check_finite, lr_factor
 
 if TYPE_CHECKING:
@@ -307,62 +312,32 @@ class JointTrainer:
             )
         name, net = next(iter(self.nets.items()))
         value_of_cluster = getattr(net, "value_of_cluster", None)  # None: units are the values
-        k = net.k if value_of_cluster is not None else head.out_features
         keys = tensor_keys(queries)
         images = self.images(keys)
         net.eval()
         logits = getattr(net, "cluster_logits", net)
         units = torch.cat([logits(x).argmax(-1).cpu() for x in images.split(1000)])  # (n,)
-        unit_of = dict(zip(keys, units.tolist()))
-        # (shape, units) -> [a query of the group, its tensor keys, how many queries]
-        groups: dict[tuple[str, tuple[int, ...]], list] = {}
-        for q in queries:
-            q_keys = tensor_keys([q])
-            shape = str(query_term(q))
-            for i, key in enumerate(q_keys):
-                shape = shape.replace(str(key), f"#{i}")
-            group_units = tuple(unit_of[key] for key in q_keys)
-            groups.setdefault((shape, group_units), [q, q_keys, 0])[2] += 1
-        listed = [(shape, *entry) for (shape, _), entry in groups.items()]
-        one_hot = torch.eye(k, device=self.logic_device)  # (K, K)
-        proved: dict[tuple[str, tuple[int, ...]], float] = {}  # groups of one shape share it
-
-        def score(g: int, mapped: tuple[int, ...]) -> float:
-            shape, query, q_keys, _ = listed[g]
-            if (shape, mapped) not in proved:
-                table = ProbabilityTable(q_keys, one_hot[list(mapped)])  # (P, K) one-hot rows
-                probs, provable = self.logic.query_probs([query], {name: table})
-                proved[(shape, mapped)] = float(probs[0]) if bool(provable[0]) else 0.0
-            return proved[(shape, mapped)]
-
-        weighted = [(group_units, float(n)) for (_, group_units), (_, _, n) in groups.items()]
+        found = find_relabelling(
+            self.logic, name, dict(zip(keys, units.tolist())), queries,
+            head.out_features if value_of_cluster is None else net.k,
+            current=None if value_of_cluster is None else value_of_cluster.tolist(),
+            min_share=self.optim_cfg.relabel_min_share, max_nodes=max_nodes,
+            device=self.logic_device,
+        )  # fmt: skip
         if value_of_cluster is None:
-            found = best_permutation(k, weighted, score, max_nodes=max_nodes)
             if found.changed:
                 self._permute_head(head, found.mapping)
-            return found
-        usage = torch.bincount(units, minlength=head.out_features).tolist()  # images per cluster
-        found = best_cluster_map(
-            k, value_of_cluster.tolist(), weighted, score, usage,
-            min_share=self.optim_cfg.relabel_min_share, max_nodes=max_nodes,
-        )  # fmt: skip
-        value_of_cluster.copy_(torch.tensor(found.mapping))
+        else:
+            value_of_cluster.copy_(torch.tensor(found.mapping))
         return found
 
     def _relabel_head(self) -> nn.Linear | None:
         """The output layer relabelling permutes: the ``head`` of the only network, or None."""
-        head = getattr(next(iter(self.nets.values())), "head", None)
-        return head if len(self.nets) == 1 and isinstance(head, nn.Linear) else None
+        return relabel_layer(self.nets)
 
     def _permute_head(self, head: nn.Linear, perm: Sequence[int]) -> None:
         """Output unit ``c`` becomes unit ``perm[c]``: rows of the weights, bias and Adam state."""
-        source = torch.empty(len(perm), dtype=torch.long)
-        source[torch.tensor(perm)] = torch.arange(len(perm))  # new row j <- old row source[j]
-        for param in head.parameters():
-            param.data.copy_(param.data[source.to(param.device)])
-            for value in self.optimizer.state.get(param, {}).values():
-                if torch.is_tensor(value) and value.shape == param.shape:
-                    value.copy_(value[source.to(value.device)])
+        permute_units(head, perm, self.optimizer)
 
     @torch.no_grad()
     def concept_probs(self, name: str, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
