@@ -173,7 +173,9 @@ SMOKE = str(ROOT / "configs/smoke_train.yaml")
 @needs_data
 def test_train_smoke_run_and_resume_to_the_same_result(tmp_path, monkeypatch):
     common = ["train", SMOKE, "--no-progress", "--set", f"logic.cache_dir={tmp_path / 'cc'}"]
+    threads = torch.get_num_threads()
     assert main(common + ["--set", f"out_dir={tmp_path / 'straight'}"]) == 0
+    assert torch.get_num_threads() == threads  # the run set optim.threads, then restored ours
     run = tmp_path / "straight/smoke_train"
     for name in ["config.yaml", "metrics.json", "log.jsonl", "checkpoint.pt",
                  "confusion_digit_net.png", "confusion_digit_net.json"]:  # fmt: skip

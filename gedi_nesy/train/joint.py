@@ -160,6 +160,12 @@ class JointTrainer:
     (:func:`gedi_nesy.train.loop.fit`); a caller stepping the trainer itself trains at
     ``optim.lr``. Each method runs with ``optim.threads`` torch threads.
 
+    Inputs are routed (:meth:`route`): a network sees only the images its nn/4 atoms name, in
+    its forward and in its GEDI terms. Unlabelled images (``extra`` of :meth:`train_step`) are
+    given per network; the joint run draws ``optim.extra_images`` of them for each network from
+    the unlabelled pool of a source that network reads, and none for a network that reads no
+    source with a pool (:func:`gedi_nesy.train.run.unlabelled_pools`).
+
     Args:
         logic: the engine (a :class:`~gedi_nesy.logic.engine.LogicEngine`).
         nets: network name -> module returning logits (B, K); with a GEDI weight > 0 each must
