@@ -16,6 +16,7 @@ from gedi_nesy.errors import GediNesyError
 
 
 def get_parser() -> argparse.ArgumentParser:
+    """The ``gedi-nesy`` argument parser: sub-commands train, gedi, audit, bench."""
     parser = argparse.ArgumentParser(
         prog="gedi-nesy", description="GEDI networks as DeepProbLog neural predicates."
     )
@@ -47,7 +48,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file, e.g. configs/gedi_mnist.yaml")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value, e.g. --set optim.steps=100 (repeatable)",
+        help="override a config value, e.g. --set optim.max_steps=100 (repeatable)",
     )  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -62,7 +63,8 @@ def _print_table(metrics: dict[str, Any]) -> None:
 
 
 def _run_gedi(args: argparse.Namespace) -> dict[str, Any]:
-    from gedi_nesy.config import GediRunConfig, load_config
+    from gedi_nesy.config import GediRunConfig
+    from gedi_nesy.schema import load_config
     from gedi_nesy.train.standalone import train_gedi
 
     cfg = load_config(args.config, GediRunConfig, args.overrides)
@@ -90,11 +92,6 @@ def _task_module(name: Any) -> Any:
     return importlib.import_module(TASKS[name].split(":")[0])
 
 
-def build_task(params: dict[str, Any], data_root: str | None) -> Any:
-    """Build the task named by ``params["name"]`` from its config section."""
-    return _task_module(params.get("name")).build(params, data_root)
-
-
 def _run_audit(args: argparse.Namespace) -> dict[str, Any]:
     import json
 
@@ -112,8 +109,9 @@ def _run_audit(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_train(args: argparse.Namespace) -> dict[str, Any]:
-    from gedi_nesy.config import NesyRunConfig, load_config
-    from gedi_nesy.train.experiment import run_training
+    from gedi_nesy.config import NesyRunConfig
+    from gedi_nesy.schema import load_config
+    from gedi_nesy.train.run import run_training
 
     cfg = load_config(args.config, NesyRunConfig, args.overrides)
     module = _task_module(cfg.task.get("name"))
@@ -121,7 +119,7 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any]:
     if summary is not None:
         print(f"shortcut audit: {summary.n_maps} concept maps fit the training data, "
               f"{summary.n_bijections} of them bijections")  # fmt: skip
-    task = module.build(cfg.task, cfg.data_root)
+    task = module.build(cfg.task, cfg.data.root)
     metrics = run_training(cfg, task, resume=args.resume, progress=not args.no_progress)
     print(f"run folder: {cfg.out_dir}/{cfg.name}")
     return metrics
@@ -138,8 +136,8 @@ def _task_audit(module: Any, params: dict[str, Any]) -> Any:
 
 def _run_bench(args: argparse.Namespace) -> dict[str, Any]:
     from gedi_nesy.bench.run import BenchConfig, run_bench
-    from gedi_nesy.config import load_config
     from gedi_nesy.errors import TrainingError
+    from gedi_nesy.schema import load_config
     from gedi_nesy.shortcuts.audit import audit_to_dict
 
     cfg = load_config(args.config, BenchConfig, args.overrides)

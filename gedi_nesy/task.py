@@ -27,7 +27,8 @@ class TaskData:
         test: test queries.
         concept_images: source name used to measure the neural predicate's concept accuracy.
         concept_labels: true concept (e.g. digit) of every image of ``concept_images``, (N,).
-        unlabelled: extra image indices per source, used only by the GEDI terms.
+        unlabelled: extra image indices per source, used only by the GEDI terms of the
+            networks that read that source (``optim.extra_images``).
         info: free-form facts about the task, written to metrics.json.
         ood_test: out-of-distribution test queries (e.g. unseen worlds); empty when none.
         ood_concept_images: source name of the OOD test's images.

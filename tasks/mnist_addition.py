@@ -19,9 +19,9 @@ import torch
 from deepproblog.query import Query
 from problog.logic import Constant, Term, list2term
 
-from gedi_nesy.config import from_dict
 from gedi_nesy.data import load_images
 from gedi_nesy.errors import ConfigError
+from gedi_nesy.schema import from_dict
 from gedi_nesy.task import TaskData
 
 PROGRAMS = Path(__file__).resolve().parents[1] / "programs"

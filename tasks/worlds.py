@@ -32,9 +32,9 @@ import torch
 from deepproblog.query import Query
 from problog.logic import Constant, Term
 
-from gedi_nesy.config import from_dict
 from gedi_nesy.data import load_images
 from gedi_nesy.errors import ConfigError, DataError
+from gedi_nesy.schema import from_dict
 from gedi_nesy.shortcuts.audit import AuditSpec
 from gedi_nesy.task import TaskData
 

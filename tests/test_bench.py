@@ -22,8 +22,8 @@ from gedi_nesy.bench.report import (
 )
 from gedi_nesy.bench.run import run_trial
 from gedi_nesy.cli import main
-from gedi_nesy.config import from_dict, load_config
 from gedi_nesy.errors import ConfigError
+from gedi_nesy.schema import from_dict, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 needs_data = pytest.mark.skipif(
@@ -196,6 +196,7 @@ def _tiny_bench(tmp_path, methods: str) -> str:
     return str(config)
 
 
+@pytest.mark.slow  # about a minute: four real trials in two processes
 @needs_data
 def test_bench_runs_trials_in_parallel_skips_finished_ones_and_reports_failures(tmp_path, capsys):
     config = _tiny_bench(tmp_path, "{dpl: {gedi.w_inv: 0, gedi.w_prior: 0}, gedi: {}}")

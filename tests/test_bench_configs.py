@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from gedi_nesy.bench.plan import BenchConfig, Trial, bench_methods, trial_config, trials
-from gedi_nesy.config import NesyRunConfig, from_dict, load_config, to_dict
+from gedi_nesy.config import NesyRunConfig
 from gedi_nesy.errors import ConfigError
+from gedi_nesy.schema import from_dict, load_config, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

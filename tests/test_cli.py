@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import gedi_nesy.train.standalone as standalone
 from gedi_nesy.cli import main
 from gedi_nesy.train.runtime import load_checkpoint
+from gedi_nesy.train.standalone import GediTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs/smoke.yaml")
@@ -39,34 +39,36 @@ def test_gedi_smoke_run_writes_the_run_folder(tmp_path, capsys):
 @pytest.mark.parametrize("method", ["gedi", "swav", "jem"])
 def test_every_method_runs(tmp_path, method):
     args = ["gedi", SMOKE, "--no-progress", "--set", f"out_dir={tmp_path}",
-            "--set", f"gedi.method={method}", "--set", "optim.steps=1"]  # fmt: skip
+            "--set", f"gedi.method={method}", "--set", "optim.max_steps=1"]  # fmt: skip
     assert main(args) == 0
 
 
 @needs_data
 def test_resume_continues_to_the_same_result(tmp_path, monkeypatch):
-    common = ["gedi", SMOKE, "--no-progress", "--set", "optim.steps=4"]
+    common = ["gedi", SMOKE, "--no-progress", "--set", "optim.max_steps=4"]
     assert main(common + ["--set", f"out_dir={tmp_path / 'straight'}"]) == 0
 
-    real_step = standalone._train_step
+    real_step = GediTrainer.train_step
 
-    def crash_at_step_2(run, x):
-        if run.step == 2:  # the checkpoint of step 2 is on disk; die before step 3
+    def crash_at_step_2(self, x):
+        if self.step == 2:  # the checkpoint of step 2 is on disk; die before step 3
             raise KeyboardInterrupt
-        return real_step(run, x)
+        return real_step(self, x)
 
-    monkeypatch.setattr(standalone, "_train_step", crash_at_step_2)
+    monkeypatch.setattr(GediTrainer, "train_step", crash_at_step_2)
     with pytest.raises(KeyboardInterrupt):
         main(common + ["--set", f"out_dir={tmp_path / 'killed'}"])
-    monkeypatch.setattr(standalone, "_train_step", real_step)
+    monkeypatch.setattr(GediTrainer, "train_step", real_step)
     assert main(common + ["--set", f"out_dir={tmp_path / 'killed'}", "--resume"]) == 0
 
     a = torch.load(tmp_path / "straight/smoke/checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "killed/smoke/checkpoint.pt", weights_only=False)
-    assert a["step"] == b["step"] == 4
-    for key, value in a["net"].items():
-        assert torch.equal(value, b["net"][key]), key
-    assert torch.equal(a["objective"]["buffer"]["samples"], b["objective"]["buffer"]["samples"])
+    assert a["trainer"]["step"] == b["trainer"]["step"] == 4
+    for key, value in a["trainer"]["net"].items():
+        assert torch.equal(value, b["trainer"]["net"][key]), key
+    buffers = [c["trainer"]["objective"]["buffer"]["samples"] for c in (a, b)]
+    assert torch.equal(*buffers)
+    assert a["scheduler"] == b["scheduler"]
     log = (tmp_path / "killed/smoke/log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]
 
@@ -123,8 +125,8 @@ def test_train_prints_the_shortcut_audit_and_trains_a_shortcut_task(tmp_path, ca
 @needs_data
 def test_resume_under_another_config_is_a_one_line_error(tmp_path, capsys):
     common = ["gedi", SMOKE, "--no-progress", "--set", f"out_dir={tmp_path}"]
-    assert main(common + ["--set", "optim.steps=1"]) == 0
-    assert main(common + ["--set", "optim.steps=1", "--set", "model.width=4", "--resume"]) == 2
+    assert main(common + ["--set", "optim.max_steps=1"]) == 0
+    assert main(common + ["--set", "optim.max_steps=1", "--set", "model.width=4", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "was made with model.width = 8, the config now says 4" in err and err.count("\n") == 1
 
@@ -199,6 +201,7 @@ def test_swav_joint_method_and_gedi_only_steps(tmp_path, capsys):
     assert "optim.gedi_only_steps = 5: it must be >= 0, and > 0 only" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # compiles the 40 column circuits and trains four-digit addition
 @needs_data
 def test_four_digit_addition_trains_with_the_column_chain(tmp_path):
     sets = [f"out_dir={tmp_path}", f"logic.cache_dir={tmp_path / 'cc'}", "task.n_train=8",

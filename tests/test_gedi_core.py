@@ -179,12 +179,43 @@ def test_gedinet_shapes_and_outputs(head, norm):
 
 
 def test_gedinet_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="model.k"):
+    from gedi_nesy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.k = 1; it must be a finite number >= 2"):
         GEDINet(k=1)
-    with pytest.raises(ValueError, match="model.head"):
+    with pytest.raises(ConfigError, match="model.head = 'mlp' is not allowed"):
         GEDINet(head="mlp")
-    with pytest.raises(ValueError, match="model.clusters_per_value must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match="model.clusters_per_value = 0; it must be .* >= 1"):
         GEDINet(k=3, clusters_per_value=0)
+
+
+def test_gedinet_defaults_are_the_model_configs():
+    from gedi_nesy.config import ModelConfig
+
+    torch.manual_seed(0)
+    plain = GEDINet(7)
+    torch.manual_seed(0)
+    configured = GEDINet.from_config(ModelConfig(k=7))
+    assert plain.config == ModelConfig(k=7) == configured.config
+    assert plain.encoder.fc.out_features == ModelConfig.feature_dim  # 128, as the CLI builds
+    for (name, a), b in zip(plain.state_dict().items(), configured.state_dict().values()):
+        assert torch.equal(a, b), name
+    wide = GEDINet.from_config(ModelConfig(k=4, width=4, proj_dim=8, clusters_per_value=2))
+    assert (wide.k, wide.n_clusters, wide.head.in_features) == (4, 8, 8)
+
+
+def test_the_gedi_terms_refuse_a_network_without_clusters_in_one_line():
+    from gedi_nesy.config import GediConfig, SGLDConfig
+    from gedi_nesy.errors import ConfigError
+    from gedi_nesy.gedi.objective import GediObjective
+
+    plain = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    with pytest.raises(ConfigError) as info:
+        GediObjective(plain, GediConfig(), SGLDConfig(), AugmentConfig(), image_shape=(1, 28, 28),
+                      device=torch.device("cpu"), seed=0, name="digit_net")  # fmt: skip
+    message = str(info.value)
+    assert message.startswith("network 'digit_net' (Sequential) has no cluster_logits(x)")
+    assert "set every gedi.w_* to 0" in message and "\n" not in message
 
 
 def test_pool_values_sums_cluster_probabilities():
@@ -220,7 +251,7 @@ def test_an_overclustered_gedinet_trains_its_clusters_and_answers_in_values():
                               device=torch.device("cpu"), seed=0)  # fmt: skip
     expected = prior_loss(net.cluster_logits(x))  # L_PRIOR over the 6 clusters, not 3 values
     assert objective(x).prior.item() == pytest.approx(expected.item(), rel=1e-6)
-    with pytest.raises(ConfigError, match="K = 6 values"):
+    with pytest.raises(ConfigError, match="holds 3 values; the network has K = 6 clusters"):
         GediObjective(net, GediConfig(prior_target=[1 / 3] * 3), SGLDConfig(), AugmentConfig(),
                       image_shape=(1, 28, 28), device=torch.device("cpu"), seed=0)  # fmt: skip
 
@@ -250,7 +281,7 @@ def test_gedi_weights_must_be_finite_and_non_negative(field, value):
     from gedi_nesy.gedi.objective import gedi_weights
 
     with pytest.raises(ConfigError, match=f"gedi.{field} = .*finite number >= 0"):
-        gedi_weights(GediConfig(**{field: value}))
+        GediConfig(**{field: value})  # the config checks its weights when it is built
     # energy_reg belongs to L_GEN: off when w_gen is 0, so "GEDI without L_GEN" runs no SGLD
     assert gedi_weights(GediConfig(w_gen=0.0, energy_reg=0.5)).energy_reg == 0.0
 
@@ -298,7 +329,9 @@ def test_prior_target_sets_the_marginal_l_prior_matches():
                               device=torch.device("cpu"), seed=0)  # fmt: skip
     expected = prior_loss(net(x), torch.tensor(target))
     assert objective(x).prior.item() == pytest.approx(expected.item(), rel=1e-6)
-    for bad in ([], [0.5, 0.5], [0.3, 0.3, 0.3, 0.3, 0.3], [1.0, 0.0, 0.0, 0.0, 0.0]):
-        with pytest.raises(ConfigError, match=r"gedi.prior_target = .* K = 5 values > 0"):
-            GediObjective(net, GediConfig(prior_target=bad), SGLDConfig(), AugmentConfig(),
-                          image_shape=(1, 28, 28), device=torch.device("cpu"), seed=0)  # fmt: skip
+    for bad in ([], [0.3, 0.3, 0.3, 0.3, 0.3], [1.0, 0.0, 0.0, 0.0, 0.0]):  # the config's check
+        with pytest.raises(ConfigError, match=r"gedi.prior_target = .* one value > 0 per cluster"):
+            GediConfig(prior_target=bad)
+    with pytest.raises(ConfigError, match=r"gedi.prior_target = .* the network has K = 5"):
+        GediObjective(net, GediConfig(prior_target=[0.5, 0.5]), SGLDConfig(), AugmentConfig(),
+                      image_shape=(1, 28, 28), device=torch.device("cpu"), seed=0)  # fmt: skip

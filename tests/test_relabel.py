@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from deepproblog.query import Query
 from problog.logic import Constant, Term
 
-from gedi_nesy.config import AugmentConfig, GediConfig, NesyOptimConfig, SGLDConfig
+from gedi_nesy.config import GediConfig, JointConfig, OptimConfig
 from gedi_nesy.errors import ConfigError, DataError
 from gedi_nesy.gedi.nets import pool_values
 from gedi_nesy.logic.compiled import CompiledLogic
@@ -24,8 +23,9 @@ from gedi_nesy.shortcuts.relabel import (
     best_permutation,
     find_relabelling,
 )
-from gedi_nesy.train.experiment import _FitState, _relabel, _relabel_due, _validate
 from gedi_nesy.train.joint import JointTrainer
+from gedi_nesy.train.loop import FitRecord
+from gedi_nesy.train.run import Relabeller, relabel_due
 
 ROOT = Path(__file__).resolve().parents[1]
 ADDITION = ROOT / "programs/addition.pl"
@@ -230,10 +230,12 @@ def test_the_relabelling_names_units_from_the_queries_and_the_program_alone():
 
 
 class _LabelNet(torch.nn.Module):
-    """Reads the digit written in pixel (0, 0) and scores it through a linear ``head``."""
+    """Reads the digit written in pixel (0, 0) and scores it through a linear ``head`` (a
+    RelabelNet with one cluster per value)."""
 
     def __init__(self, wrong_names: list[int]) -> None:
         super().__init__()
+        self.k, self.value_of_cluster = 10, None
         self.head = torch.nn.Linear(10, 10, bias=False)
         with torch.no_grad():  # row wrong_names[d] fires for digit d: digit d is called that
             self.head.weight.zero_()
@@ -244,6 +246,9 @@ class _LabelNet(torch.nn.Module):
         onehot = torch.nn.functional.one_hot(x[:, 0, 0, 0].long(), 10).float()  # (B, 10)
         return self.head(onehot)  # (B, 10)
 
+    def cluster_logits(self, x):
+        return self(x)  # (B, 10)
+
 
 def _query(a, b, s):
     subs = {Term("p0"): Term("tensor", Term("img", Constant(a))),
@@ -253,11 +258,11 @@ def _query(a, b, s):
 
 def _addition_trainer(net, images, digits):
     """A logic-only trainer on programs/addition.pl and 80 sums of the 20 images."""
+    cfg = JointConfig(GediConfig(w_gen=0.0, w_inv=0.0, w_prior=0.0),
+                      optim=OptimConfig(relabel_every=1))  # fmt: skip
     trainer = JointTrainer(
-        CompiledLogic(ADDITION, {"digit_net": 10}), {"digit_net": net}, {"img": images},
-        gedi=GediConfig(w_gen=0.0, w_inv=0.0, w_prior=0.0), sgld=SGLDConfig(),
-        augment=AugmentConfig(), optim=NesyOptimConfig(relabel_every=1),
-        device=torch.device("cpu"),
+        CompiledLogic(ADDITION, {"digit_net": 10}), {"digit_net": net}, {"img": images}, cfg,
+        device="cpu",
     )  # fmt: skip
     pairs = [(i, j) for i in range(20) for j in range(20) if (i * 7 + j) % 5 == 0]
     return trainer, [_query(i, j, digits[i] + digits[j]) for i, j in pairs]
@@ -287,30 +292,26 @@ def _no_head() -> torch.nn.Module:
 
 
 def test_relabel_every_needs_one_network_with_a_head():
+    optim = OptimConfig(relabel_every=5)
+    cfg = JointConfig(GediConfig(w_gen=0.0, w_inv=0.0, w_prior=0.0), optim=optim)
+    trainer = JointTrainer(
+        CompiledLogic(ADDITION, {"digit_net": 10}), {"digit_net": _no_head()},
+        {"img": torch.zeros(2, 1, 28, 28)}, cfg, device="cpu",
+    )  # fmt: skip
     with pytest.raises(ConfigError, match="optim.relabel_every = 5"):
-        JointTrainer(
-            CompiledLogic(ADDITION, {"digit_net": 10}), {"digit_net": _no_head()},
-            {"img": torch.zeros(2, 1, 28, 28)}, gedi=GediConfig(w_gen=0.0, w_inv=0.0, w_prior=0.0),
-            sgld=SGLDConfig(), augment=AugmentConfig(), optim=NesyOptimConfig(relabel_every=5),
-            device=torch.device("cpu"),
-        )  # fmt: skip
+        Relabeller(trainer, [], optim)  # the joint run builds it before the first step
 
 
 def test_a_bad_usage_floor_is_refused_before_training():
-    with pytest.raises(ConfigError, match=r"relabel_min_share = -0.1; it must be in \[0, 1\]"):
-        JointTrainer(
-            CompiledLogic(ADDITION, {"digit_net": 10}), {"digit_net": _no_head()},
-            {"img": torch.zeros(2, 1, 28, 28)}, gedi=GediConfig(w_gen=0.0, w_inv=0.0, w_prior=0.0),
-            sgld=SGLDConfig(), augment=AugmentConfig(),
-            optim=NesyOptimConfig(relabel_min_share=-0.1), device=torch.device("cpu"),
-        )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"relabel_min_share = -0.1; it must be .*in \[0, 1\]"):
+        OptimConfig(relabel_min_share=-0.1)
 
 
 def test_relabelling_runs_after_the_warm_up_and_never_after_the_last_step():
-    o = NesyOptimConfig(relabel_every=100, gedi_only_steps=150)
-    due = [step for step in range(1, 1051) if _relabel_due(o, step, 1050)]
+    o = OptimConfig(relabel_every=100, gedi_only_steps=150)
+    due = [step for step in range(1, 1051) if relabel_due(o, step, 1050)]
     assert due == list(range(250, 1050, 100))
-    assert not any(_relabel_due(NesyOptimConfig(), step, 1050) for step in range(1, 1051))
+    assert not any(relabel_due(OptimConfig(), step, 1050) for step in range(1, 1051))
 
 
 class _ScriptedTrainer:
@@ -327,6 +328,9 @@ class _ScriptedTrainer:
     def relabel(self, queries):
         return next(self.relabellings)
 
+    def _relabel_head(self):
+        return self.net
+
 
 def _relabelling(mapping):
     return Relabelling(mapping, (0, 1, 2), 9.0, 6.0, 10.0, 4, True)
@@ -335,20 +339,25 @@ def _relabelling(mapping):
 def test_a_change_of_names_forgets_the_best_validation_state_kept_before_it():
     trainer = _ScriptedTrainer([0.9, 0.8, 0.7, 0.6], [_relabelling((0, 1, 2)),
                                                      _relabelling((1, 0, 2))])  # fmt: skip
-    task, state = SimpleNamespace(train=[], val=["a sum"]), _FitState()
+    record, hook = FitRecord(), Relabeller(trainer, ["a sum"], OptimConfig(relabel_every=1))
+
+    def validate():
+        return record.observe(trainer.task_accuracy(["a sum"]), trainer.nets, patience=0)
+
     for weight in (1.0, 2.0):
         trainer.net.weight.data.fill_(weight)
-        _validate(trainer, task, state, patience=0)
-    assert state.best_val == 0.9 and float(state.best_nets["digit_net"]["weight"]) == 1.0
-    same = _relabel(trainer, task, state)  # the names stay: the record stays
-    assert "relabel_map" not in same and state.best_val == 0.9 and state.relabels == 0
-    renamed = _relabel(trainer, task, state)
+        validate()
+    assert record.best_val == 0.9 and float(record.best_nets["digit_net"]["weight"]) == 1.0
+    same = hook(1, 10, record)  # the names stay: the record stays
+    assert "relabel_map" not in same and record.best_val == 0.9 and hook.relabels == 0
+    renamed = hook(2, 10, record)
     assert renamed["relabel_map"] == [1, 0, 2] and renamed["relabel_proved_after"] == 0.9
-    assert state.relabels == 1 and state.best_val == -1.0 and state.best_nets is None
+    assert hook.relabels == 1 and record.best_val == -1.0 and record.best_nets is None
     for weight in (3.0, 4.0):  # 0.7 then 0.6: the best since the renaming is the first
         trainer.net.weight.data.fill_(weight)
-        _validate(trainer, task, state, patience=0)
-    assert state.best_val == 0.7 and float(state.best_nets["digit_net"]["weight"]) == 3.0
+        validate()
+    assert record.best_val == 0.7 and float(record.best_nets["digit_net"]["weight"]) == 3.0
+    assert hook(10, 10, record) == {}  # never after the last step
 
 
 class _ClusterNet(torch.nn.Module):

@@ -17,9 +17,16 @@ from deepproblog.query import Query
 from deepproblog.train import TrainObject
 from problog.logic import Constant, Term
 
-import gedi_nesy.train.experiment as experiment
+import gedi_nesy.train.run as run
 from gedi_nesy.cli import main
-from gedi_nesy.config import AugmentConfig, GediConfig, NesyOptimConfig, SGLDConfig
+from gedi_nesy.config import (
+    AugmentConfig,
+    GediConfig,
+    JointConfig,
+    OptimConfig,
+    SGLDConfig,
+    SupervisionConfig,
+)
 from gedi_nesy.gedi.augment import augment as random_view
 from gedi_nesy.gedi.nets import GEDINet
 from gedi_nesy.logic.compiled import CompiledLogic
@@ -51,11 +58,9 @@ def _queries(pairs_and_sums):
 
 
 def _trainer(net, images, gedi: GediConfig, logic=None) -> JointTrainer:
-    return JointTrainer(
-        logic or LogicModel(ADDITION, {"digit_net": 10}), {"digit_net": net}, {"img": images},
-        gedi=gedi, sgld=SGLDConfig(buffer_size=32, n_steps=2), augment=AugmentConfig(),
-        optim=NesyOptimConfig(), device=torch.device("cpu"),
-    )  # fmt: skip
+    cfg = JointConfig(gedi=gedi, sgld=SGLDConfig(buffer_size=32, n_steps=2))
+    logic = logic or LogicModel(ADDITION, {"digit_net": 10})
+    return JointTrainer(logic, {"digit_net": net}, {"img": images}, cfg, device="cpu")
 
 
 def _small_net(seed: int = 0) -> GEDINet:
@@ -122,7 +127,7 @@ def test_gedi_terms_join_the_loss_and_every_part_is_logged():
     images = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(2)) * 2 - 1
     gedi = GediConfig(w_gen=1.0, w_inv=0.5, w_prior=0.5)
     trainer = _trainer(_small_net(), images, gedi)
-    values = trainer.train_step(_queries(QUERIES), extra=images[:3])
+    values = trainer.train_step(_queries(QUERIES), extra={"digit_net": images[:3]})
     assert {"logic", "gen", "inv", "prior", "total", "unprovable"} <= set(values)
     expected = values["logic"] + values["gen"] + 0.5 * values["inv"] + 0.5 * values["prior"]
     assert values["total"] == pytest.approx(expected, rel=1e-5)
@@ -142,9 +147,7 @@ def test_task_accuracy_with_a_perfect_concept_network():
             return torch.nn.functional.one_hot(labels[idx], 10).float() * 50.0
 
     images = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 28, 28).contiguous()
-    oracle = Oracle()
-    oracle.tau = 1.0
-    trainer = _trainer(oracle, images, OFF)
+    trainer = _trainer(Oracle(), images, OFF)  # any module: the GEDI terms are off
     right = _queries([(0, 1, 8), (2, 3, 9), (4, 5, 8)])
     wrong = _queries([(0, 1, 7), (6, 7, 1)])
     assert trainer.task_accuracy(right) == 1.0
@@ -155,7 +158,7 @@ def test_task_accuracy_with_a_perfect_concept_network():
 
     task = TaskData("t", ADDITION, {"digit_net": 10}, {"img": images}, right, [], [], "img",
                     labels)  # fmt: skip
-    usage = experiment.training_usage(trainer, task)
+    usage = run.training_usage(trainer, task)
     expected = [1 / 6 if d in (3, 5, 0, 9, 7, 1) else 0.0 for d in range(10)]
     assert usage["train_usage_c"] == pytest.approx(expected, abs=1e-6)
     assert usage["train_min_usage_c"] == 0.0  # digits 2, 4, 6, 8 never predicted
@@ -170,7 +173,9 @@ SMOKE = str(ROOT / "configs/smoke_train.yaml")
 @needs_data
 def test_train_smoke_run_and_resume_to_the_same_result(tmp_path, monkeypatch):
     common = ["train", SMOKE, "--no-progress", "--set", f"logic.cache_dir={tmp_path / 'cc'}"]
+    threads = torch.get_num_threads()
     assert main(common + ["--set", f"out_dir={tmp_path / 'straight'}"]) == 0
+    assert torch.get_num_threads() == threads  # the run set optim.threads, then restored ours
     run = tmp_path / "straight/smoke_train"
     for name in ["config.yaml", "metrics.json", "log.jsonl", "checkpoint.pt",
                  "confusion_digit_net.png", "confusion_digit_net.json"]:  # fmt: skip
@@ -210,8 +215,8 @@ def test_unknown_task_is_a_one_line_error(capsys):
     assert "task.name = 'sudoku' is unknown; known tasks: mnist_addition" in err
 
 
-def test_experiment_never_imports_tasks():
-    source = Path(experiment.__file__).read_text()
+def test_the_joint_run_never_imports_tasks():
+    source = Path(run.__file__).read_text()
     assert "import tasks" not in source and "from tasks" not in source
 
 
@@ -225,11 +230,11 @@ def test_marginal_entropy_baseline_joins_the_loss():
 
 
 def _supervised_trainer(images, augment: bool) -> JointTrainer:
+    cfg = JointConfig(gedi=OFF, optim=OptimConfig(seed=3),
+                      supervision=SupervisionConfig(augment=augment))  # fmt: skip
     return JointTrainer(
         LogicModel(ADDITION, {"digit_net": 10}), {"digit_net": _small_net()}, {"img": images},
-        gedi=OFF, sgld=SGLDConfig(), augment=AugmentConfig(), optim=NesyOptimConfig(seed=3),
-        device=torch.device("cpu"), supervised=(images[:4], torch.tensor([3, 5, 0, 9])),
-        supervision_augment=augment,
+        cfg, device="cpu", labelled={"digit_net": (images[:4], torch.tensor([3, 5, 0, 9]))},
     )  # fmt: skip
 
 
@@ -258,17 +263,17 @@ def test_concept_supervision_on_augmented_views_of_the_labelled_images():
 def test_logic_view_augmented_feeds_the_logic_a_random_view_of_each_image():
     images = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(6)) * 2 - 1
     queries = _queries(QUERIES)
+    cfg = JointConfig(gedi=OFF, optim=OptimConfig(seed=2, logic_view="augmented"))
     trainer = JointTrainer(
         CompiledLogic(ADDITION, {"digit_net": 10}), {"digit_net": _small_net()}, {"img": images},
-        gedi=OFF, sgld=SGLDConfig(), augment=AugmentConfig(),
-        optim=NesyOptimConfig(seed=2, logic_view="augmented"), device=torch.device("cpu"),
+        cfg, device="cpu",
     )  # fmt: skip
     _, values = trainer.loss(queries)
-    keys = tensor_keys(queries)
-    seen = trainer.images(keys)
+    routes = {"digit_net": tensor_keys(queries)}
+    seen = trainer.images(routes["digit_net"])
     views = random_view(seen, AugmentConfig(), torch.Generator().manual_seed(2 + 7))
-    clean_tables, _ = trainer.forward_tables(keys, seen)
-    view_tables, _ = trainer.forward_tables(keys, views)
+    clean_tables, _ = trainer.forward_tables(routes, {"digit_net": seen})
+    view_tables, _ = trainer.forward_tables(routes, {"digit_net": views})
     on_views = logic_loss(*trainer.logic.query_probs(queries, view_tables))
     on_images = logic_loss(*trainer.logic.query_probs(queries, clean_tables))
     assert values["logic"] == pytest.approx(float(on_views.detach()), rel=1e-6)

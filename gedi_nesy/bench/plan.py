@@ -6,7 +6,7 @@ of it, the seeds and optionally a data-size axis. Every (method, size, seed) is 
 
 Recipes: a method (or the base) may say ``extends: recipes/shortcut_gedi.yaml``, a run-config
 fragment holding a method's current recipe; its settings apply first, then the method's own keys
-(see :func:`gedi_nesy.config.load_config`). A whole bench file may extend another bench file.
+(see :func:`gedi_nesy.schema.load_config`). A whole bench file may extend another bench file.
 
 With ``restarts: R`` > 1 each (method, size, seed) trains R times, restart r setting
 ``restart_key`` (default ``optim.seed``: the model, not the data) to ``seed + 1000 r``; the report
@@ -29,8 +29,9 @@ from typing import Any
 
 import yaml
 
-from gedi_nesy.config import NesyRunConfig, from_dict, with_defaults
+from gedi_nesy.config import NesyRunConfig
 from gedi_nesy.errors import ConfigError
+from gedi_nesy.schema import from_dict, with_defaults
 from gedi_nesy.train.runtime import config_difference
 
 # metric key in metrics.json -> column heading of summary.md

@@ -31,8 +31,8 @@ from gedi_nesy.bench.plan import (
     trials,
 )
 from gedi_nesy.bench.report import write_report
-from gedi_nesy.config import to_dict
 from gedi_nesy.errors import ConfigError, TrainingError
+from gedi_nesy.schema import to_dict
 from gedi_nesy.train.runtime import atomic_write_json, atomic_write_text
 
 __all__ = ["BenchConfig", "run_bench", "run_trial"]

@@ -8,23 +8,84 @@ the GEDI terms train) and a value's probability is the sum of its clusters' prob
 the buffer ``value_of_cluster`` (cluster ``c`` starts on value ``c mod K``; relabelling may
 re-assign it, :mod:`gedi_nesy.shortcuts.relabel`). No BatchNorm: batch statistics make SGLD and
 per-query evaluation inconsistent, so the encoder uses no normalisation or GroupNorm.
+
+:class:`ClusterNet` is what the GEDI terms need of a network; ``GEDINet`` is one, and
+:func:`check_cluster_net` tells a foreign network why it is not.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gedi_nesy.config import ModelConfig
+from gedi_nesy.errors import ConfigError
 from gedi_nesy.gedi.energy import energy
 
 
+@runtime_checkable
+class ClusterNet(Protocol):
+    """What the GEDI terms train (:class:`~gedi_nesy.gedi.objective.GediObjective`).
+
+    Attributes:
+        tau: the temperature dividing the head's scores (the energy may undo it, and SwAV's
+            Sinkhorn works on the scores before it).
+        n_clusters: M, the number of clusters the terms see (K, or more when overclustered).
+    """
+
+    tau: float
+    n_clusters: int
+
+    def cluster_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Cluster logits, (B, C, H, W) -> (B, M)."""
+        ...
+
+
+@runtime_checkable
+class RelabelNet(Protocol):
+    """What the logic-guided relabelling renames (``JointTrainer.relabel``).
+
+    Attributes:
+        k: K, the number of concept values (the nn/4 domain).
+        head: the output layer whose rows are the clusters, (M, D) weights.
+        value_of_cluster: (M,) the value of each cluster when M > K (overclustered), else None:
+            the clusters are the values.
+    """
+
+    k: int
+    head: nn.Module
+    value_of_cluster: torch.Tensor | None
+
+    def cluster_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Cluster logits, (B, C, H, W) -> (B, M)."""
+        ...
+
+
+def check_cluster_net(net: nn.Module, name: str) -> ClusterNet:
+    """``net`` itself, once it is known to keep :class:`ClusterNet`.
+
+    Args:
+        net: a network the GEDI terms are to train.
+        name: its name in the program, for the message.
+
+    Raises:
+        ConfigError: the network lacks ``cluster_logits``, ``n_clusters`` or ``tau``.
+    """
+    if not isinstance(net, ClusterNet):
+        raise ConfigError(
+            f"network {name!r} ({type(net).__name__}) has no cluster_logits(x), n_clusters and "
+            "tau, which the GEDI terms train; use a GEDINet, or set every gedi.w_* to 0 to "
+            "train it with the logic loss alone"
+        )
+    return net
+
+
 def _norm(kind: str, channels: int) -> nn.Module:
-    if kind == "none":
-        return nn.Identity()
-    if kind == "group":
-        return nn.GroupNorm(min(8, channels), channels)
-    raise ValueError(f"model.norm must be 'none' or 'group', got {kind!r}")
+    return nn.GroupNorm(min(8, channels), channels) if kind == "group" else nn.Identity()
 
 
 class Encoder(nn.Module):
@@ -37,7 +98,13 @@ class Encoder(nn.Module):
         norm: "none" or "group".
     """
 
-    def __init__(self, in_channels: int = 1, width: int = 32, feature_dim: int = 256, norm="none"):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        width: int = ModelConfig.width,
+        feature_dim: int = ModelConfig.feature_dim,
+        norm: str = ModelConfig.norm,
+    ) -> None:
         super().__init__()
         w = width
         self.convs = nn.Sequential(
@@ -56,6 +123,9 @@ class Encoder(nn.Module):
 class GEDINet(nn.Module):
     """Encoder -> projector -> cluster head; logits divided by the temperature tau.
 
+    The defaults are :class:`~gedi_nesy.config.ModelConfig`'s, so ``GEDINet(k)`` is the network
+    the CLI builds from ``model: {k: k}``; :meth:`from_config` builds one from a config.
+
     Args:
         k: number of values (the neural predicate's domain size).
         in_channels: image channels.
@@ -67,33 +137,29 @@ class GEDINet(nn.Module):
             energy stays bounded) or "linear".
         norm: encoder normalisation, "none" or "group".
         clusters_per_value: prototypes per value; more than 1 overclusters (see the module).
+
+    Raises:
+        ConfigError: a setting out of range (checked by ``ModelConfig``).
     """
 
     def __init__(
         self,
-        k: int = 10,
+        k: int = ModelConfig.k,
         *,
         in_channels: int = 1,
-        width: int = 32,
-        feature_dim: int = 256,
-        proj_dim: int = 128,
-        tau: float = 0.1,
-        head: str = "cosine",
-        norm: str = "none",
-        clusters_per_value: int = 1,
+        width: int = ModelConfig.width,
+        feature_dim: int = ModelConfig.feature_dim,
+        proj_dim: int = ModelConfig.proj_dim,
+        tau: float = ModelConfig.tau,
+        head: str = ModelConfig.head,
+        norm: str = ModelConfig.norm,
+        clusters_per_value: int = ModelConfig.clusters_per_value,
     ) -> None:
         super().__init__()
-        if k < 2:
-            raise ValueError(f"model.k must be >= 2 values, got {k}")
-        if clusters_per_value < 1:
-            raise ValueError(
-                f"model.clusters_per_value must be >= 1, got {clusters_per_value}; 1 is one "
-                "prototype per value, more overclusters"
-            )
-        if tau <= 0:
-            raise ValueError(f"model.tau must be > 0, got {tau}")
-        if head not in ("cosine", "linear"):
-            raise ValueError(f"model.head must be 'cosine' or 'linear', got {head!r}")
+        self.config = ModelConfig(
+            k=k, width=width, feature_dim=feature_dim, proj_dim=proj_dim, tau=tau, head=head,
+            norm=norm, clusters_per_value=clusters_per_value,
+        )  # fmt: skip
         self.k, self.tau, self.head_kind = k, tau, head
         self.encoder = Encoder(in_channels, width, feature_dim, norm)
         self.projector = nn.Sequential(
@@ -105,6 +171,16 @@ class GEDINet(nn.Module):
             self.register_buffer("value_of_cluster", torch.arange(self.n_clusters) % k)  # (M,)
         else:
             self.value_of_cluster = None
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, in_channels: int = 1) -> GEDINet:
+        """The network a ``model`` config section describes.
+
+        Args:
+            cfg: the settings (``k`` included).
+            in_channels: image channels.
+        """
+        return cls(**dataclasses.asdict(cfg), in_channels=in_channels)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Head scores before the temperature, shape (B, M)."""

@@ -7,11 +7,9 @@ standalone trainer and the joint DeepProbLog trainer call it.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from gedi_nesy.config import AugmentConfig, GediConfig, SGLDConfig
 from gedi_nesy.errors import ConfigError
@@ -27,40 +25,36 @@ from gedi_nesy.gedi.losses import (
     prior_loss,
     swav_loss,
 )
+from gedi_nesy.gedi.nets import ClusterNet, check_cluster_net
 from gedi_nesy.gedi.sgld import ReplayBuffer, sgld_sample
 
 
 def gedi_weights(cfg: GediConfig) -> GediWeights:
-    """The weights of the loss parts implied by the method and its config.
+    """The weights of the loss parts the method implies (:meth:`GediConfig.part_weights`).
 
-    ``gedi`` uses w_gen, w_inv, w_prior (w_gen = 0 is "GEDI without L_GEN"); ``jem`` keeps only the
-    generative term; ``swav`` keeps only the swapped-prediction loss (weight w_inv).
+    Args:
+        cfg: the objective config (its values are checked when it is built).
     """
-    for name in ("w_gen", "w_inv", "w_prior", "energy_reg", "w_marginal_entropy"):
-        value = getattr(cfg, name)
-        if not (math.isfinite(value) and value >= 0.0):
-            raise ConfigError(f"gedi.{name} = {value}; it must be a finite number >= 0")
-    reg = cfg.energy_reg if cfg.w_gen != 0.0 else 0.0  # the penalty belongs to the generative term
-    if cfg.method == "gedi":
-        return GediWeights(cfg.w_gen, reg, cfg.w_inv, cfg.w_prior, 0.0)
-    if cfg.method == "jem":
-        return GediWeights(cfg.w_gen, reg, 0.0, 0.0, 0.0)
-    return GediWeights(0.0, 0.0, 0.0, 0.0, cfg.w_inv)
+    return GediWeights(**cfg.part_weights())
 
 
-def prior_target(
-    values: list[float] | None, k: int | None, device: torch.device
-) -> torch.Tensor | None:
-    """``gedi.prior_target`` as a (K,) tensor, checked: K positive values summing to 1 (to 1e-3;
-    then renormalised exactly). None stays None (a uniform prior)."""
+def prior_target(values: list[float] | None, k: int, device: torch.device) -> torch.Tensor | None:
+    """``gedi.prior_target`` as a (K,) tensor, renormalised exactly; None stays None (uniform).
+
+    Args:
+        values: the config's target, positive and summing to 1 (checked by ``GediConfig``).
+        k: the number of clusters the terms see; ``values`` must hold that many.
+        device: where the tensor goes.
+
+    Raises:
+        ConfigError: ``values`` holds another number of values than ``k``.
+    """
     if values is None:
         return None
-    total = sum(values)
-    wrong_size = not values or (k is not None and len(values) != k)
-    if wrong_size or min(values, default=0.0) <= 0.0 or abs(total - 1.0) > 1e-3:
+    if len(values) != k:
         raise ConfigError(
-            f"gedi.prior_target = {values}: it must hold K = {k} values > 0 that sum to 1 (they "
-            f"sum to {total:.4g}); give the target marginal of the clusters, or null for uniform"
+            f"gedi.prior_target = {values} holds {len(values)} values; the network has K = {k} "
+            "clusters: give one value per cluster, or null for uniform"
         )
     target = torch.tensor(values, dtype=torch.float64)
     return (target / target.sum()).to(device=device, dtype=torch.float32)
@@ -70,20 +64,23 @@ class GediObjective:
     """Computes the GEDI loss parts for a batch of images.
 
     Args:
-        net: module with ``forward(x) -> logits (B, K)`` and a temperature ``tau``; the terms
-            train its ``cluster_logits(x)`` (B, M) when it has them (an overclustered
-            :class:`~gedi_nesy.gedi.nets.GEDINet`), its ``forward`` otherwise.
+        net: the network, a :class:`~gedi_nesy.gedi.nets.ClusterNet` (a ``GEDINet``): the terms
+            train its ``cluster_logits(x)`` (B, M), M = ``n_clusters``.
         gedi: objective config.
         sgld: sampler config.
         augment: augmentation config.
         image_shape: shape of one image, e.g. (1, 28, 28).
         device: where the network and the buffer live.
         seed: seeds the generators of the sampler and the augmentations.
+        name: the network's name, for the message when it is no ``ClusterNet``.
+
+    Raises:
+        ConfigError: the network is no ``ClusterNet``, or ``gedi.prior_target`` has not M values.
     """
 
     def __init__(
         self,
-        net: nn.Module,
+        net: ClusterNet,
         gedi: GediConfig,
         sgld: SGLDConfig,
         augment: AugmentConfig,
@@ -91,12 +88,13 @@ class GediObjective:
         image_shape: tuple[int, ...],
         device: torch.device,
         seed: int,
+        name: str = "net",
     ) -> None:
-        self.net, self.gedi, self.sgld, self.augment = net, gedi, sgld, augment
+        self.net = check_cluster_net(net, name)
+        self.gedi, self.sgld, self.augment = gedi, sgld, augment
         self.weights = gedi_weights(gedi)
-        self.logits = getattr(net, "cluster_logits", net)  # x -> (B, M) logits the terms train
-        n_clusters = getattr(net, "n_clusters", getattr(net, "k", None))
-        self.prior_target = prior_target(gedi.prior_target, n_clusters, device)
+        self.logits = self.net.cluster_logits  # x -> (B, M) logits the terms train
+        self.prior_target = prior_target(gedi.prior_target, self.net.n_clusters, device)
         self.generator = torch.Generator(device=device).manual_seed(seed + 1)
         self.buffer = None
         if self.weights.gen != 0.0 or self.weights.energy_reg != 0.0:

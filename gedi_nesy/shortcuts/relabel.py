@@ -55,7 +55,6 @@ __all__ = [
     "best_permutation",
     "find_relabelling",
     "permute_units",
-    "relabel_layer",
 ]
 
 Score = Callable[[int, tuple[int, ...]], float]  # (group index, mapped values) -> [0, 1]
@@ -429,19 +428,6 @@ def find_relabelling(
     return best_cluster_map(
         k, current, weighted, score, usage, min_share=min_share, max_nodes=max_nodes
     )
-
-
-def relabel_layer(nets: Mapping[str, nn.Module]) -> nn.Linear | None:
-    """The output layer a relabelling renames.
-
-    Args:
-        nets: network name -> module.
-
-    Returns:
-        The ``head`` linear layer of the only network; None with several networks or none such.
-    """
-    head = getattr(next(iter(nets.values())), "head", None)
-    return head if len(nets) == 1 and isinstance(head, nn.Linear) else None
 
 
 def permute_units(layer: nn.Linear, perm: Sequence[int], optimizer: torch.optim.Optimizer) -> None:

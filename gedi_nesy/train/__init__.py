@@ -1,1 +1,2 @@
-"""Training: the fit loop, the joint logic + GEDI step, standalone GEDI training, run files."""
+"""Training: the one fit loop (``loop``), the joint logic + GEDI step (``joint``), one joint run
+from a config (``run``), standalone GEDI training (``standalone``), run files (``runtime``)."""

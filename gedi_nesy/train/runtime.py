@@ -1,4 +1,4 @@
-"""Run plumbing: seeds, devices, run folders, atomic files and checkpoints."""
+"""Run plumbing: seeds, devices, CPU threads, run folders, atomic files and checkpoints."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import random
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,16 +48,42 @@ def make_run_dir(out_dir: str | Path, name: str, config: dict[str, Any]) -> Path
     return run_dir
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch CPU threads, then restore the count found before.
+
+    Training and evaluation set their own count (``optim.threads``) this way, so a caller of the
+    Python API gets the speed the CLI gets and keeps its own setting afterwards.
+
+    Args:
+        n: threads inside the block (>= 1).
+    """
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def start_run(
-    out_dir: str | Path, name: str, config: dict[str, Any], *, threads: int, device: str, seed: int
+    out_dir: str | Path, name: str, config: dict[str, Any], *, device: str, seed: int
 ) -> tuple[Path, torch.device]:
-    """Make the run folder, set the CPU thread count, pick the device and seed everything.
+    """Make the run folder, pick the device and seed everything.
+
+    Args:
+        out_dir: folder of the runs.
+        name: the run's name (its folder).
+        config: the resolved config, written to ``config.yaml``.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        seed: seeds Python, NumPy and torch.
 
     Returns:
         (run folder, device).
     """
     run_dir = make_run_dir(out_dir, name, config)
-    torch.set_num_threads(threads)
     chosen = pick_device(device)
     set_seed(seed)
     return run_dir, chosen
