@@ -8,11 +8,11 @@
 % program is linear in N; it never enumerates the 10^(2N) digit combinations or the sums.
 % S unbound (test-time distribution over sums): the sum is built column by column; that
 % grounding has one branch per partial sum, so it grows as 10^N: use it for N <= 2 or 3.
-% For larger N, logic.engine: column_chain (gedi_nesy/chain.py) evaluates add/3 from column/5
+% For larger N, logic.engine: column_chain (gedi_nesy/logic/chain.py) evaluates add/3 from column/5
 % alone, as the exact chain of the carries, after checking it against these clauses.
 %
 % add/3 is also one of DeepProbLog's tensor builtins, which Model.set_engine registers;
-% gedi_nesy.bridge.LogicModel does not register them, so only the clauses below define add/3.
+% gedi_nesy.logic.dpl.LogicModel does not register them, so only the clauses below define add/3.
 
 nn(digit_net, [X], Y, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]) :: digit(X, Y).
 
