@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gedi_nesy.cli import main
-from gedi_nesy.train.runtime import load_checkpoint
+from gedi_nesy.train.checkpoint import load_checkpoint
 from gedi_nesy.train.standalone import GediTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
