@@ -78,7 +78,13 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         check_section(self, "augment", rotate_deg=">= 0", shear_deg=">= 0", translate=">= 0",
-               noise_std=">= 0")  # fmt: skip
+                      noise_std=">= 0")  # fmt: skip
+        low, high = self.scale
+        if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
+            raise ConfigError(
+                f"augment.scale = {list(self.scale)}: give [low, high] with 0 < low <= high, "
+                "e.g. [0.85, 1.15] (1 is no zoom)"
+            )
 
 
 @dataclass
@@ -203,10 +209,10 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         counts = ("epochs", "max_steps", "batch_size", "threads", "log_every", "checkpoint_every")
-        others = ("lr", "weight_decay", "grad_clip", "warmup_steps", "eval_every", "patience",
+        others = ("weight_decay", "grad_clip", "warmup_steps", "eval_every", "patience",
                   "extra_images", "gedi_only_steps", "relabel_every")  # fmt: skip
         rules = dict.fromkeys(counts, ">= 1") | dict.fromkeys(others, ">= 0")
-        check_section(self, "optim", **rules, relabel_min_share="in [0, 1]")
+        check_section(self, "optim", **rules, lr="> 0", seed=SEED, relabel_min_share="in [0, 1]")
         if self.epochs is None and self.max_steps is None:
             raise ConfigError(
                 "optim.epochs and optim.max_steps are both null; set at least one, e.g. "
