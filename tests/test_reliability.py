@@ -16,7 +16,14 @@ import pytest
 import torch
 
 import gedi_nesy.files as files
-from gedi_nesy.bench.plan import BenchConfig, Trial, is_finished, trial_dir, trials
+from gedi_nesy.bench.plan import (
+    BenchConfig,
+    Trial,
+    check_finished_configs,
+    is_finished,
+    trial_dir,
+    trials,
+)
 from gedi_nesy.config import GediRunConfig, NesyRunConfig
 from gedi_nesy.errors import ConfigError, DataError, StorageError, TrainingError
 from gedi_nesy.gedi.sgld import sgld_sample
@@ -245,6 +252,16 @@ def test_a_damaged_metrics_file_means_the_trial_is_not_finished(tmp_path):
     for text, finished in [('{"acc": 1.0}', True), ('{"acc": 1.', False), ("[1]", False)]:
         (trial_dir(cfg, trial) / "metrics.json").write_text(text)
         assert is_finished(cfg, trial) is finished
+
+
+def test_a_damaged_config_of_a_finished_trial_is_one_line(tmp_path):
+    cfg = BenchConfig(out_dir=str(tmp_path), methods={"dpl": {}}, seeds=[0])
+    folder = trial_dir(cfg, Trial("dpl", None, 0))
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text("{}")
+    (folder / "config.yaml").write_text("optim: [unclosed")
+    with pytest.raises(ConfigError, match="config.yaml is damaged; delete"):
+        check_finished_configs(cfg, trials(cfg))
 
 
 def test_an_altered_circuit_cache_file_is_a_miss(tmp_path):

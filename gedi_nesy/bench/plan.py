@@ -359,7 +359,13 @@ def check_finished_configs(cfg: BenchConfig, all_trials: Sequence[Trial]) -> Non
         saved_path = trial_dir(cfg, trial) / "config.yaml"
         if not is_finished(cfg, trial) or not saved_path.is_file():
             continue
-        saved = with_defaults(NesyRunConfig, yaml.safe_load(saved_path.read_text()))
+        try:
+            saved = with_defaults(NesyRunConfig, yaml.safe_load(saved_path.read_text()))
+        except (yaml.YAMLError, ConfigError):
+            raise ConfigError(
+                f"bench trial {trial.name}: {saved_path} is damaged; delete "
+                f"{trial_dir(cfg, trial)} to run the trial again"
+            ) from None
         now = with_defaults(NesyRunConfig, trial_config(cfg, trial))
         found = config_difference(saved, now)
         if found is not None:
