@@ -17,11 +17,32 @@ from typing import Any, Literal
 
 from gedi_nesy.errors import ConfigError
 
+SEED = "in [0, 2**32 - 1]"  # the seeds NumPy accepts
+
 _RULES = {">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, ">= 2": lambda v: v >= 2,
-          "> 0": lambda v: v > 0, "in [0, 1]": lambda v: 0 <= v <= 1}  # fmt: skip
+          "> 0": lambda v: v > 0, "in [0, 1]": lambda v: 0 <= v <= 1,
+          SEED: lambda v: 0 <= v < 2**32}  # fmt: skip
 
 
-def _check(cfg: Any, section: str, **rules: str) -> None:
+def check_name(key: str, value: str) -> None:
+    """A run, bench or method name is one folder name: it cannot leave ``out_dir``.
+
+    Raises:
+        ConfigError: an empty name, one with a path separator, or one starting with '.'.
+    """
+    if (
+        not value
+        or any(sep in value for sep in ("/", "\\", "\0"))
+        or value.startswith(".")
+        or not value.isprintable()
+    ):
+        raise ConfigError(
+            f"{key} = {value!r}: a name is one folder name inside out_dir (printable, no '/' or "
+            "'\\', not starting with '.'); give e.g. my_run, and choose the place with out_dir"
+        )
+
+
+def check_section(cfg: Any, section: str, **rules: str) -> None:
     """A section's checks, run by its ``__post_init__`` (also when built in Python): each
     ``Literal`` field holds one of its values; each number named in ``rules`` is finite and
     keeps its rule (a key of ``_RULES``, e.g. ``tau="> 0"``); None passes.
@@ -56,8 +77,14 @@ class AugmentConfig:
     noise_std: float = 0.05  # additive Gaussian pixel noise (data range [-1, 1])
 
     def __post_init__(self) -> None:
-        _check(self, "augment", rotate_deg=">= 0", shear_deg=">= 0", translate=">= 0",
-               noise_std=">= 0")  # fmt: skip
+        check_section(self, "augment", rotate_deg=">= 0", shear_deg=">= 0", translate=">= 0",
+                      noise_std=">= 0")  # fmt: skip
+        low, high = self.scale
+        if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
+            raise ConfigError(
+                f"augment.scale = {list(self.scale)}: give [low, high] with 0 < low <= high, "
+                "e.g. [0.85, 1.15] (1 is no zoom)"
+            )
 
 
 @dataclass
@@ -76,7 +103,7 @@ class ModelConfig:
     clusters_per_value: int = 1
 
     def __post_init__(self) -> None:
-        _check(self, "model", k=">= 2", width=">= 1", feature_dim=">= 1", proj_dim=">= 1",
+        check_section(self, "model", k=">= 2", width=">= 1", feature_dim=">= 1", proj_dim=">= 1",
                tau="> 0", clusters_per_value=">= 1")  # fmt: skip
 
 
@@ -93,7 +120,7 @@ class SGLDConfig:
     max_abs_energy: float = 1.0e4  # abort when |E| exceeds this
 
     def __post_init__(self) -> None:
-        _check(self, "sgld", buffer_size=">= 1", reinit_freq="in [0, 1]", n_steps=">= 1",
+        check_section(self, "sgld", buffer_size=">= 1", reinit_freq="in [0, 1]", n_steps=">= 1",
                step_size=">= 0", noise_std=">= 0", data_noise=">= 0",
                max_abs_energy="> 0")  # fmt: skip
 
@@ -117,7 +144,7 @@ class GediConfig:
     w_marginal_entropy: float = 0.0  # joint training only: the L_H baseline on the clean batch
 
     def __post_init__(self) -> None:
-        _check(self, "gedi", w_gen=">= 0", w_inv=">= 0", w_prior=">= 0", energy_reg=">= 0",
+        check_section(self, "gedi", w_gen=">= 0", w_inv=">= 0", w_prior=">= 0", energy_reg=">= 0",
                w_marginal_entropy=">= 0", swav_temperature="> 0", sinkhorn_epsilon="> 0",
                sinkhorn_iters=">= 1")  # fmt: skip
         values = self.prior_target  # its length is checked where K is known (gedi.objective)
@@ -182,10 +209,10 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         counts = ("epochs", "max_steps", "batch_size", "threads", "log_every", "checkpoint_every")
-        others = ("lr", "weight_decay", "grad_clip", "warmup_steps", "eval_every", "patience",
+        others = ("weight_decay", "grad_clip", "warmup_steps", "eval_every", "patience",
                   "extra_images", "gedi_only_steps", "relabel_every")  # fmt: skip
         rules = dict.fromkeys(counts, ">= 1") | dict.fromkeys(others, ">= 0")
-        _check(self, "optim", **rules, relabel_min_share="in [0, 1]")
+        check_section(self, "optim", **rules, lr="> 0", seed=SEED, relabel_min_share="in [0, 1]")
         if self.epochs is None and self.max_steps is None:
             raise ConfigError(
                 "optim.epochs and optim.max_steps are both null; set at least one, e.g. "
@@ -216,7 +243,7 @@ class GediDataConfig(DataConfig):
     n_ood: int | None = None  # None: all 10,000 Fashion-MNIST test images
 
     def __post_init__(self) -> None:
-        _check(self, "data", n_train=">= 1", n_test=">= 1", n_ood=">= 1")
+        check_section(self, "data", n_train=">= 1", n_test=">= 1", n_ood=">= 1")
 
 
 @dataclass
@@ -230,7 +257,7 @@ class LogicConfig:
     eval_batch: int = 256  # queries per evaluation call
 
     def __post_init__(self) -> None:
-        _check(self, "logic", eval_batch=">= 1")
+        check_section(self, "logic", eval_batch=">= 1")
 
 
 @dataclass
@@ -242,7 +269,7 @@ class SupervisionConfig:
     augment: bool = False  # a fresh random view of each labelled image per step (augment's ranges)
 
     def __post_init__(self) -> None:
-        _check(self, "supervision", labels_per_class=">= 0", weight=">= 0")
+        check_section(self, "supervision", labels_per_class=">= 0", weight=">= 0")
 
 
 def _check_warm_up(gedi: GediConfig, optim: OptimConfig) -> None:
@@ -288,6 +315,7 @@ class NesyRunConfig:
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
 
     def __post_init__(self) -> None:
+        check_name("name", self.name)
         _check_warm_up(self.gedi, self.optim)
 
     @property
@@ -312,6 +340,7 @@ class GediRunConfig:
     data: GediDataConfig = field(default_factory=GediDataConfig)
 
     def __post_init__(self) -> None:
+        check_name("name", self.name)
         if self.model.clusters_per_value != 1:
             raise ConfigError(
                 f"model.clusters_per_value = {self.model.clusters_per_value}: standalone GEDI "

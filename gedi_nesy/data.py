@@ -108,7 +108,14 @@ def _base_names(split: str) -> tuple[str, str]:
 def _find_file(raw_dir: Path, base: str) -> Path | None:
     """``base.gz`` if present (it can be md5-checked), else ``base``, else None."""
     for candidate in (raw_dir / f"{base}.gz", raw_dir / base):
-        if candidate.is_file():
+        try:
+            found = candidate.is_file()  # Python 3.11 raises on EACCES
+        except OSError as error:
+            raise DataError(
+                f"cannot look into {raw_dir} ({error.strerror}); make the data folder readable "
+                "(data.root or $GEDI_NESY_DATA)"
+            ) from None
+        if found:
             return candidate
     return None
 

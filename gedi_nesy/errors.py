@@ -26,3 +26,8 @@ class ProgramError(GediNesyError):
 
 class TrainingError(GediNesyError):
     """Training cannot go on (non-finite energies or losses, bad checkpoint)."""
+
+
+class StorageError(GediNesyError):
+    """A file or folder cannot be read or written (permissions, a full disk, a file in the way),
+    or a saved file is damaged."""

@@ -19,6 +19,7 @@ import torch
 from deepproblog.query import Query
 from problog.logic import Constant, Term, list2term
 
+from gedi_nesy.config import SEED, check_section
 from gedi_nesy.data import load_images
 from gedi_nesy.errors import ConfigError
 from gedi_nesy.schema import from_dict
@@ -80,6 +81,20 @@ def addition_queries(
     return queries
 
 
+def _check_counts(p: AdditionParams, spare_images: int, n_test: int) -> None:
+    """Refuse more unlabelled images or test queries than the data hold (not fewer, silently)."""
+    if p.n_unlabelled > spare_images:
+        raise ConfigError(
+            f"task.n_unlabelled = {p.n_unlabelled}, but MNIST-train holds {spare_images} images "
+            "the training and validation queries do not use; lower n_unlabelled or n_train"
+        )
+    if p.n_test is not None and p.n_test > n_test:
+        raise ConfigError(
+            f"task.n_test = {p.n_test}, but MNIST-test makes {n_test} queries; lower it, or set "
+            "it to null for all of them"
+        )
+
+
 def build(params: dict[str, Any], data_root: str | None) -> TaskData:
     """Build the MNIST-addition task from its config section.
 
@@ -91,8 +106,8 @@ def build(params: dict[str, Any], data_root: str | None) -> TaskData:
         The task's program, network, image sources and queries.
     """
     p = from_dict(AdditionParams, params, prefix="task.")
-    if p.n_digits < 1:
-        raise ConfigError(f"task.n_digits = {p.n_digits}; it must be >= 1 (digits per number)")
+    check_section(p, "task", n_digits=">= 1", n_train=">= 1", n_val=">= 0", n_test=">= 1",
+                  n_unlabelled=">= 0", seed=SEED)  # fmt: skip
     train_x, train_y = load_images("mnist", "train", data_root)
     test_x, test_y = load_images("mnist", "test", data_root)
     order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(p.seed))
@@ -106,6 +121,7 @@ def build(params: dict[str, Any], data_root: str | None) -> TaskData:
             f"{per_query} images); change n_train or n_val"
         )
     used = (n_train + p.n_val) * per_query
+    _check_counts(p, len(train_x) - used, len(test_x) // per_query)
     train = addition_queries(order[: n_train * per_query], train_y, "train", p.n_digits)
     val = addition_queries(order[n_train * per_query : used], train_y, "train", p.n_digits)
     test = addition_queries(torch.arange(len(test_x)), test_y, "test", p.n_digits)

@@ -32,8 +32,9 @@ import torch
 from deepproblog.query import Query
 from problog.logic import Constant, Term
 
+from gedi_nesy.config import SEED, check_section
 from gedi_nesy.data import load_images
-from gedi_nesy.errors import ConfigError, DataError
+from gedi_nesy.errors import DataError
 from gedi_nesy.schema import from_dict
 from gedi_nesy.shortcuts.audit import AuditSpec
 from gedi_nesy.task import TaskData
@@ -198,12 +199,8 @@ def read_params(params: dict[str, Any]) -> WorldParams:
         ConfigError: an unknown key, a value of the wrong type, or a per-world count out of range.
     """
     p = from_dict(WorldParams, params, prefix="task.")
-    minimum = {"n_train_per_world": 1, "n_val_per_world": 0, "n_test_per_world": 1}
-    for key, low in minimum.items():
-        if getattr(p, key) < low:
-            raise ConfigError(
-                f"task.{key} = {getattr(p, key)}; it must be >= {low} (samples per world)"
-            )
+    check_section(p, "task", n_train_per_world=">= 1", n_val_per_world=">= 0",
+                  n_test_per_world=">= 1", seed=SEED)  # fmt: skip
     return p
 
 

@@ -73,7 +73,7 @@ def test_trial_config_merges_dotted_and_nested_overrides_and_sets_seed_and_size(
             {"methods": {"x": {"gedi.w_invv": 1}}},
             "bench trial x-s3: unknown config key 'gedi.w_invv'",
         ),
-        ({"methods": {"x": 3}}, "a method is a name without '/' and a mapping"),
+        ({"methods": {"x": 3}}, "a method is a mapping of overrides"),
     ],
 )
 def test_bad_bench_configs_are_refused_before_any_trial_runs(tmp_path, change, message):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gedi_nesy.cli import main
-from gedi_nesy.train.runtime import load_checkpoint
+from gedi_nesy.train.checkpoint import load_checkpoint
 from gedi_nesy.train.standalone import GediTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,9 +126,12 @@ def test_train_prints_the_shortcut_audit_and_trains_a_shortcut_task(tmp_path, ca
 def test_resume_under_another_config_is_a_one_line_error(tmp_path, capsys):
     common = ["gedi", SMOKE, "--no-progress", "--set", f"out_dir={tmp_path}"]
     assert main(common + ["--set", "optim.max_steps=1"]) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "smoke").iterdir()}
     assert main(common + ["--set", "optim.max_steps=1", "--set", "model.width=4", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "was made with model.width = 8, the config now says 4" in err and err.count("\n") == 1
+    after = {p.name: p.read_bytes() for p in (tmp_path / "smoke").iterdir()}
+    assert after == before  # a refused command changes nothing: config.yaml still tells the truth
 
 
 def test_standalone_gedi_refuses_overclustering_in_one_line(tmp_path, capsys):

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1] / "gedi_nesy"
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 60
 LAYERS = {
-    "errors": 0, "config": 0, "schema": 0, "data": 0, "task": 0, "plots": 0,
+    "errors": 0, "config": 0, "schema": 0, "data": 0, "task": 0, "plots": 0, "files": 0,
     "gedi": 1, "logic": 2, "shortcuts": 3, "train": 4, "bench": 5,
     "cli": 6, "__main__": 6, "__init__": 6,
 }  # fmt: skip

@@ -10,8 +10,9 @@ import torch
 
 from gedi_nesy.config import GediRunConfig, OptimConfig
 from gedi_nesy.errors import TrainingError
+from gedi_nesy.train.checkpoint import load_checkpoint
 from gedi_nesy.train.loop import Batches, FitRecord, Validation, fit, total_steps
-from gedi_nesy.train.runtime import load_checkpoint, save_checkpoint
+from gedi_nesy.train.runtime import save_checkpoint
 
 
 class _Toy:

@@ -7,8 +7,9 @@ import torch
 
 import gedi_nesy.train.runtime as runtime
 from gedi_nesy.errors import TrainingError
+from gedi_nesy.train.checkpoint import load_checkpoint
 from gedi_nesy.train.loop import batch_indices, lr_factor
-from gedi_nesy.train.runtime import load_checkpoint, save_checkpoint
+from gedi_nesy.train.runtime import save_checkpoint
 
 
 def test_a_kill_during_a_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):

@@ -187,8 +187,8 @@ def test_true_digits_prove_every_query(root: Path, name: str):
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"n_train_per_world": 0}, "task.n_train_per_world = 0; it must be >= 1"),
-        ({"n_val_per_world": -1}, "task.n_val_per_world = -1; it must be >= 0"),
+        ({"n_train_per_world": 0}, "task.n_train_per_world = 0; it must be a finite number >= 1"),
+        ({"n_val_per_world": -1}, "task.n_val_per_world = -1; it must be a finite number >= 0"),
         ({"n_test": 5}, "unknown config key 'task.n_test'"),
     ],
 )

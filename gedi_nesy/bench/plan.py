@@ -22,6 +22,7 @@ methods the names carry the method: ``dpl+gedi@w_inv_x0.5``.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +30,8 @@ from typing import Any
 
 import yaml
 
-from gedi_nesy.config import NesyRunConfig
-from gedi_nesy.errors import ConfigError
+from gedi_nesy.config import NesyRunConfig, check_name
+from gedi_nesy.errors import ConfigError, StorageError
 from gedi_nesy.schema import from_dict, with_defaults
 from gedi_nesy.train.runtime import config_difference
 
@@ -154,10 +155,11 @@ def bench_methods(cfg: BenchConfig) -> dict[str, dict[str, Any]]:
             methods, repeats a key or a factor, or scales a value that is not a non-zero number.
     """
     for method, overrides in cfg.methods.items():
-        if not isinstance(overrides, Mapping) or "/" in method or method.startswith("."):
+        check_name("bench method", method)
+        if not isinstance(overrides, Mapping):
             raise ConfigError(
-                f"bench method {method!r} = {overrides!r}: a method is a name without '/' and "
-                "a mapping of overrides, e.g. dpl: {gedi.w_inv: 0}"
+                f"bench method {method!r} = {overrides!r}: a method is a mapping of overrides, "
+                "e.g. dpl: {gedi.w_inv: 0}"
             )
     flat = {method: _flatten(overrides) for method, overrides in cfg.methods.items()}
     return flat if cfg.band is None else _band_variants(cfg.band, cfg.base, flat)
@@ -255,18 +257,52 @@ def trial_dir(cfg: BenchConfig, trial: Trial) -> Path:
     return bench_dir(cfg) / "trials" / trial.name
 
 
+def read_metrics(cfg: BenchConfig, trial: Trial) -> dict[str, Any] | None:
+    """The trial's ``metrics.json`` (the last thing a run writes); None when it is absent or
+    damaged (not a JSON object), so the trial counts as unfinished and its rerun resumes the
+    final checkpoint and writes it again.
+
+    Raises:
+        StorageError: the trial folder cannot be read (permissions).
+    """
+    path = trial_dir(cfg, trial) / "metrics.json"
+    try:
+        text = path.read_text()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    except OSError as exc:
+        raise StorageError(
+            f"cannot read {path} ({exc.strerror}); make the bench folder readable"
+        ) from None
+    try:
+        metrics = json.loads(text)
+    except ValueError:
+        return None
+    return metrics if isinstance(metrics, dict) else None
+
+
 def is_finished(cfg: BenchConfig, trial: Trial) -> bool:
-    """Whether the trial wrote its metrics (the last thing a run does)."""
-    return (trial_dir(cfg, trial) / "metrics.json").is_file()
+    """Whether the trial wrote readable metrics (see :func:`read_metrics`)."""
+    return read_metrics(cfg, trial) is not None
 
 
 def _check_axes(cfg: BenchConfig) -> None:
     """Refuse a bench without methods or seeds, a size axis given halfway, repeated seeds or
     sizes, or fewer than one restart."""
+    check_name("bench name", cfg.name)
     if not cfg.methods:
         raise ConfigError("the bench config has no methods; add e.g. methods: {dpl: {}}")
-    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
-        raise ConfigError(f"bench seeds = {cfg.seeds}; give distinct seeds, e.g. [0, 1, 2]")
+    if (
+        not cfg.seeds
+        or len(set(cfg.seeds)) != len(cfg.seeds)
+        or not all(0 <= s < 2**32 - RESTART_STRIDE * cfg.restarts for s in cfg.seeds)
+    ):
+        raise ConfigError(
+            f"bench seeds = {cfg.seeds}; give distinct seeds >= 0 (below 2**32 less the "
+            "restart offsets), e.g. [0, 1, 2]"
+        )
+    if any(n < 1 for n in cfg.sizes):
+        raise ConfigError(f"bench sizes = {cfg.sizes}; each size must be >= 1")
     if (cfg.size_key is None) != (not cfg.sizes) or len(set(cfg.sizes)) != len(cfg.sizes):
         raise ConfigError(
             f"bench size_key = {cfg.size_key!r} with sizes = {cfg.sizes}; give both (distinct "
@@ -323,7 +359,13 @@ def check_finished_configs(cfg: BenchConfig, all_trials: Sequence[Trial]) -> Non
         saved_path = trial_dir(cfg, trial) / "config.yaml"
         if not is_finished(cfg, trial) or not saved_path.is_file():
             continue
-        saved = with_defaults(NesyRunConfig, yaml.safe_load(saved_path.read_text()))
+        try:
+            saved = with_defaults(NesyRunConfig, yaml.safe_load(saved_path.read_text()))
+        except (yaml.YAMLError, ConfigError):
+            raise ConfigError(
+                f"bench trial {trial.name}: {saved_path} is damaged; delete "
+                f"{trial_dir(cfg, trial)} to run the trial again"
+            ) from None
         now = with_defaults(NesyRunConfig, trial_config(cfg, trial))
         found = config_difference(saved, now)
         if found is not None:

@@ -29,7 +29,7 @@ from gedi_nesy.bench.plan import (
     BenchConfig,
     Trial,
     bench_dir,
-    is_finished,
+    read_metrics,
     trial_dir,
     trials,
 )
@@ -44,11 +44,8 @@ def load_results(cfg: BenchConfig) -> list[tuple[Trial, dict[str, Any]]]:
     Args:
         cfg: the bench config.
     """
-    return [
-        (t, json.loads((trial_dir(cfg, t) / "metrics.json").read_text()))
-        for t in trials(cfg)
-        if is_finished(cfg, t)
-    ]
+    found = [(t, read_metrics(cfg, t)) for t in trials(cfg)]
+    return [(t, m) for t, m in found if m is not None]
 
 
 def _score(metrics: Mapping[str, Any], key: str) -> float:

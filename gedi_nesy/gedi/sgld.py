@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -58,17 +59,26 @@ def sgld_sample(
 
 
 def _check_energies(e: torch.Tensor, step: int, max_abs_energy: float) -> None:
-    if not torch.isfinite(e).all():
+    """Stop on energies that are not finite or exceed the bound. At step 0 no SGLD move has
+    happened yet: the network itself diverged (a learning rate too high), not the sampler."""
+    finite = bool(torch.isfinite(e).all())
+    worst = e.detach().abs().max().item() if finite else math.inf
+    if finite and worst <= max_abs_energy:
+        return
+    what = (
+        f"|E| = {worst:.3g} exceeds sgld.max_abs_energy = {max_abs_energy:g}"
+        if finite
+        else ("non-finite energy")
+    )
+    if step == 0:
         raise TrainingError(
-            f"SGLD step {step}: non-finite energy; lower sgld.step_size or set gedi.energy_reg > 0"
+            f"SGLD step 0: {what} before any SGLD move, so the network's energies diverged, not "
+            "the sampler; lower optim.lr, set gedi.energy_reg > 0 or lower gedi.w_gen"
         )
-    worst = e.detach().abs().max().item()
-    if worst > max_abs_energy:
-        raise TrainingError(
-            f"SGLD step {step}: |E| = {worst:.3g} exceeds sgld.max_abs_energy = "
-            f"{max_abs_energy:g}; "
-            "lower sgld.step_size, set gedi.energy_reg > 0 or lower gedi.w_gen"
-        )
+    raise TrainingError(
+        f"SGLD step {step}: {what}; lower sgld.step_size, set gedi.energy_reg > 0 or lower "
+        "gedi.w_gen"
+    )
 
 
 class ReplayBuffer:

@@ -20,6 +20,7 @@ DeepProbLog's tensor builtins.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -214,6 +215,7 @@ class Circuit:
         arrays["template"] = np.array(self.template)
         arrays["provable"] = np.array(self.provable)
         arrays["format"] = np.array(FORMAT_VERSION)
+        arrays["digest"] = np.array(content_digest(arrays))
         return arrays
 
     @classmethod
@@ -221,8 +223,21 @@ class Circuit:
         """Inverse of :meth:`to_arrays`; raises KeyError or ValueError on a foreign file."""
         if int(arrays["format"]) != FORMAT_VERSION:
             raise ValueError(f"format {int(arrays['format'])}, expected {FORMAT_VERSION}")
+        if str(arrays["digest"]) != content_digest(arrays):
+            raise ValueError("the arrays do not match their digest (the file was altered)")
         fields = {name: np.asarray(arrays[name]) for name in _ARRAY_FIELDS}
         return cls(template=str(arrays["template"]), provable=bool(arrays["provable"]), **fields)
+
+
+def content_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 of a circuit's arrays (every one but ``digest``: name, dtype, shape, bytes), so
+    a cache file altered into another valid archive is told apart from the one written."""
+    h = hashlib.sha256()
+    for name in sorted(k for k in arrays if k != "digest"):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 _ARRAY_FIELDS = (

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from importlib.metadata import version
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 from problog.logic import Constant, Term
 
+from gedi_nesy.files import atomic_write, make_folder, remove_stale_temps
 from gedi_nesy.logic.circuit import FORMAT_VERSION, Circuit
 
 __all__ = [
@@ -165,7 +165,8 @@ class CircuitCache:
     The key hashes the program text, the template, the ProbLog / pysdd / DeepProbLog versions,
     the SDD option and :data:`FORMAT_VERSION`: an edited program or an upgrade misses. Files are
     written to a temporary file in the same folder and renamed (``os.replace``), so processes can
-    share the folder; an unreadable or partial file counts as a miss and is rewritten.
+    share the folder; an unreadable or partial file, or one whose arrays no longer match their
+    digest (altered after it was written), counts as a miss and is rewritten.
 
     Args:
         folder: where the files live (created on the first write).
@@ -199,13 +200,7 @@ class CircuitCache:
     def store(self, circuit: Circuit) -> Path:
         """Write one circuit atomically; returns its file."""
         path = self.path(circuit.template)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=self.folder, prefix=path.stem, suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as f:
-                np.savez(f, **circuit.to_arrays())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        make_folder(self.folder, "compiled-circuit cache folder (logic.cache_dir)")
+        remove_stale_temps(self.folder, older_than_s=3600)  # other processes share the folder
+        atomic_write(path, lambda f: np.savez(f, **circuit.to_arrays()))
         return path

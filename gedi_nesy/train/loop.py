@@ -27,19 +27,18 @@ from tqdm import tqdm
 
 from gedi_nesy.config import OptimConfig
 from gedi_nesy.errors import TrainingError
-from gedi_nesy.schema import to_dict, with_defaults
-from gedi_nesy.train.runtime import (
-    check_resume_config,
-    load_checkpoint,
+from gedi_nesy.schema import to_dict
+from gedi_nesy.train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    read_checkpoint,
+    restore_failed,
     rng_state,
-    save_checkpoint,
     set_rng_state,
 )
+from gedi_nesy.train.runtime import atomic_write_text, save_checkpoint
 
 if TYPE_CHECKING:
     from gedi_nesy.config import GediRunConfig, NesyRunConfig
-
-CHECKPOINT_FORMAT = 2  # 2: the loop's checkpoint (trainer, scheduler, fit record, hooks)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
@@ -135,24 +134,47 @@ def backward_step(
 class StepLog:
     """Append-only JSONL log of per-step values; on resume, lines past the resumed step are dropped.
 
+    The kept lines are rewritten atomically. A torn last line (a kill during its append, so
+    past the checkpoint) is dropped; a damaged line before it is an error.
+
     Args:
         path: the ``.jsonl`` file.
         resume_step: keep only lines with ``step <= resume_step``, the steps the checkpoint holds
             (None: start a new file).
+
+    Raises:
+        TrainingError: a line other than the last is not a JSON object with a ``step``.
     """
 
     def __init__(self, path: Path, resume_step: int | None = None) -> None:
         self.path = Path(path)
         kept = []
         if resume_step is not None and self.path.exists():
-            for line in self.path.read_text().splitlines():
-                if line.strip() and json.loads(line)["step"] <= resume_step:
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            for i, line in enumerate(lines):
+                step = _logged_step(line)
+                if step is None and i < len(lines) - 1:
+                    raise TrainingError(
+                        f"{self.path} line {i + 1} is damaged (not a JSON row with a step); "
+                        "delete the line, or the run folder to start over"
+                    )
+                if step is not None and step <= resume_step:
                     kept.append(line)
-        self.path.write_text("".join(k + "\n" for k in kept))
+        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
 
     def write(self, row: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def _logged_step(line: str) -> int | None:
+    """The ``step`` of a log line; None when the line is not a JSON object with an int step."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    step = row.get("step") if isinstance(row, dict) else None
+    return step if isinstance(step, int) else None
 
 
 class Trainer(Protocol):
@@ -380,18 +402,15 @@ def _restore(
     """Load a checkpoint of :func:`_checkpoint` made under the same config.
 
     Raises:
-        TrainingError: no checkpoint, an earlier format, or another config.
+        TrainingError: no checkpoint, an earlier format, a damaged one, or another config.
     """
-    saved = load_checkpoint(ckpt)
-    if saved.get("format") != CHECKPOINT_FORMAT:
-        raise TrainingError(
-            f"checkpoint {ckpt} was written by an earlier version of gedi-nesy; run without "
-            "--resume (or delete the run folder) to start the run over"
-        )
-    check_resume_config(with_defaults(type(cfg), saved["config"]), to_dict(cfg), ckpt)
-    trainer.load_state_dict(saved["trainer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    record.__dict__.update(saved["fit"])
-    for hook, state in zip(hooks, saved["hooks"]):
-        hook.load_state_dict(state)
-    set_rng_state(saved["rng"])
+    saved = read_checkpoint(ckpt, cfg, len(hooks))
+    try:
+        trainer.load_state_dict(saved["trainer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        record.__dict__.update(saved["fit"])
+        for hook, state in zip(hooks, saved["hooks"]):
+            hook.load_state_dict(state)
+        set_rng_state(saved["rng"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        raise restore_failed(ckpt, exc) from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -23,9 +23,10 @@ from gedi_nesy.plots import save_confusion_png
 from gedi_nesy.schema import to_dict
 from gedi_nesy.shortcuts.metrics import cluster_usage, concept_report, confusion_matrix
 from gedi_nesy.task import TaskData
+from gedi_nesy.train.checkpoint import read_checkpoint
 from gedi_nesy.train.joint import JointTrainer
 from gedi_nesy.train.loop import Batches, FitRecord, Validation, fit
-from gedi_nesy.train.runtime import atomic_write_json, start_run, torch_threads
+from gedi_nesy.train.runtime import atomic_write_json, make_run_dir, prepare_run, torch_threads
 
 if TYPE_CHECKING:
     from deepproblog.query import Query
@@ -197,16 +198,20 @@ class Relabeller:
         self.relabels = state["relabels"]
 
 
-def fit_joint(
-    trainer: JointTrainer, task: TaskData, cfg: NesyRunConfig, run_dir: Path, *,
-    resume: bool = False, progress: bool = True,
-) -> dict[str, Any]:  # fmt: skip
-    """Train on the task's queries with :func:`~gedi_nesy.train.loop.fit`: validation on
-    ``task.val`` (early stopping, best networks kept), relabelling when configured.
+class JointParts(NamedTuple):
+    """What the loop needs besides the trainer, built (and so checked) before the run folder."""
 
-    Returns:
-        ``steps``, ``train_seconds``, ``queries_per_s``, ``best_val_task_acc``,
-        ``stopped_early``, ``relabels``.
+    batches: Batches
+    validation: Validation
+    hooks: list[Relabeller]
+
+
+def joint_parts(trainer: JointTrainer, task: TaskData, cfg: NesyRunConfig) -> JointParts:
+    """The batches, validation on ``task.val`` (early stopping, best networks kept) and the
+    relabelling hook when configured.
+
+    Raises:
+        ConfigError: extra images without a pool, or relabelling networks that cannot be.
     """
     o = cfg.optim
     validation = Validation(
@@ -214,8 +219,22 @@ def fit_joint(
         nets=trainer.nets, every=o.eval_every, patience=o.patience, name="val_task_acc",
     )  # fmt: skip
     hooks = [Relabeller(trainer, task.train, o)] if o.relabel_every > 0 else []
-    batches = joint_batches(trainer, task)
-    done = fit(trainer, batches, cfg, run_dir, validation=validation, hooks=hooks,
+    return JointParts(joint_batches(trainer, task), validation, hooks)
+
+
+def fit_joint(
+    trainer: JointTrainer, parts: JointParts, cfg: NesyRunConfig, run_dir: Path, *,
+    resume: bool = False, progress: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Train on the task's queries with :func:`~gedi_nesy.train.loop.fit` and the parts of
+    :func:`joint_parts`.
+
+    Returns:
+        ``steps``, ``train_seconds``, ``queries_per_s``, ``best_val_task_acc``,
+        ``stopped_early``, ``relabels``.
+    """
+    o, hooks = cfg.optim, parts.hooks
+    done = fit(trainer, parts.batches, cfg, run_dir, validation=parts.validation, hooks=hooks,
                resume=resume, progress=progress)  # fmt: skip
     return {
         "steps": done.steps,
@@ -304,11 +323,15 @@ def run_training(
         The metrics written to ``metrics.json``.
     """
     o = cfg.optim
-    run_dir, device = start_run(cfg.out_dir, cfg.name, to_dict(cfg), device=o.device, seed=o.seed)
+    run_dir, device = prepare_run(cfg.out_dir, cfg.name, device=o.device, seed=o.seed)
     with torch_threads(o.threads):
         trainer = build_trainer(cfg, task, device)
+        parts = joint_parts(trainer, task, cfg)
+        if resume:
+            read_checkpoint(run_dir / "checkpoint.pt", cfg, len(parts.hooks))
+        make_run_dir(run_dir, to_dict(cfg))
         metrics: dict[str, Any] = {"task": task.name, "device": str(device), **task.info}
-        metrics.update(fit_joint(trainer, task, cfg, run_dir, resume=resume, progress=progress))
+        metrics.update(fit_joint(trainer, parts, cfg, run_dir, resume=resume, progress=progress))
         metrics.update(evaluate(trainer, task, run_dir))
     metrics["unprovable_train_queries"] = trainer.n_unprovable
     atomic_write_json(run_dir / "metrics.json", metrics)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +15,7 @@ import torch
 import yaml
 
 from gedi_nesy.errors import ConfigError, TrainingError
+from gedi_nesy.files import atomic_write, make_folder, remove_stale_temps
 
 
 def set_seed(seed: int) -> None:
@@ -39,10 +38,16 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_run_dir(out_dir: str | Path, name: str, config: dict[str, Any]) -> Path:
-    """Create ``out_dir/name`` and write the resolved config and the command line into it."""
-    run_dir = Path(out_dir) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
+def make_run_dir(run_dir: str | Path, config: dict[str, Any]) -> Path:
+    """Create the run folder (after every check of the run has passed), clear the temporary
+    files a killed earlier attempt left in it, and write the resolved config and the command
+    line into it.
+
+    Raises:
+        StorageError: the folder cannot be created or written.
+    """
+    run_dir = make_folder(run_dir, "run folder")
+    remove_stale_temps(run_dir)  # one process runs in a run folder (the bench locks trials)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     atomic_write_text(run_dir / "argv.txt", " ".join(sys.argv) + "\n")
     return run_dir
@@ -68,30 +73,30 @@ def torch_threads(n: int) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
-def start_run(
-    out_dir: str | Path, name: str, config: dict[str, Any], *, device: str, seed: int
+def prepare_run(
+    out_dir: str | Path, name: str, *, device: str, seed: int
 ) -> tuple[Path, torch.device]:
-    """Make the run folder, pick the device and seed everything.
+    """Pick the device and seed everything; nothing is written yet (the caller checks the rest
+    of the run, then creates the folder with :func:`make_run_dir`, so a refused run changes
+    nothing).
 
     Args:
         out_dir: folder of the runs.
-        name: the run's name (its folder).
-        config: the resolved config, written to ``config.yaml``.
+        name: the run's name (its folder, checked by the config).
         device: ``auto``, ``cpu`` or ``cuda``.
         seed: seeds Python, NumPy and torch.
 
     Returns:
-        (run folder, device).
+        (run folder, not created yet; device).
     """
-    run_dir = make_run_dir(out_dir, name, config)
     chosen = pick_device(device)
     set_seed(seed)
-    return run_dir, chosen
+    return Path(out_dir) / name, chosen
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
-    _atomic(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -99,38 +104,12 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def _atomic(path: Path, write) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """``torch.save`` to a temporary file, fsync, then rename over ``path``.
 
     A kill at any moment leaves either the previous checkpoint or the new one, never a torn file.
     """
-    _atomic(path, lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` (on CPU)."""
-    if not Path(path).is_file():
-        raise TrainingError(f"no checkpoint at {path}; run without --resume to start a new run")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many types for a damaged file
-        raise TrainingError(
-            f"checkpoint {path} cannot be read ({type(exc).__name__}); delete it to start over"
-        ) from None
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def config_difference(
@@ -167,24 +146,3 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: Pa
             f"checkpoint {path} was made with {key} = {a!r}, the config now says {b!r}; "
             "resume with the checkpoint's config, or start a new run under another name"
         )
-
-
-def rng_state() -> dict[str, Any]:
-    """The global RNG states (Python, NumPy, torch CPU and CUDA)."""
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore the states saved by :func:`rng_state`."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -22,8 +22,9 @@ from gedi_nesy.gedi.objective import GediObjective
 from gedi_nesy.plots import save_image_grid
 from gedi_nesy.schema import to_dict
 from gedi_nesy.shortcuts.metrics import clustering_report, ood_auroc
+from gedi_nesy.train.checkpoint import read_checkpoint
 from gedi_nesy.train.loop import Batches, backward_step, check_finite, fit
-from gedi_nesy.train.runtime import atomic_write_json, start_run, torch_threads
+from gedi_nesy.train.runtime import atomic_write_json, make_run_dir, prepare_run, torch_threads
 
 
 def _first(x: torch.Tensor, n: int | None) -> torch.Tensor:
@@ -96,12 +97,15 @@ def train_gedi(
         The metrics written to ``metrics.json``.
     """
     o = cfg.optim
-    run_dir, device = start_run(cfg.out_dir, cfg.name, to_dict(cfg), device=o.device, seed=o.seed)
+    run_dir, device = prepare_run(cfg.out_dir, cfg.name, device=o.device, seed=o.seed)
     with torch_threads(o.threads):
         images, _ = load_images("mnist", "train", cfg.data.root)
         images = _first(images, cfg.data.n_train)  # (N, 1, 28, 28)
         trainer = GediTrainer(GEDINet.from_config(cfg.model), cfg, device)
         batches = Batches(len(images), lambda idx, _: (images[idx].to(device),), unit="images")
+        if resume:
+            read_checkpoint(run_dir / "checkpoint.pt", cfg)
+        make_run_dir(run_dir, to_dict(cfg))
         done = fit(trainer, batches, cfg, run_dir, resume=resume, progress=progress)
         metrics = evaluate_gedi(trainer.net, trainer.objective, cfg, run_dir)
     metrics.update(
