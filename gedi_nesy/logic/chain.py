@@ -11,8 +11,10 @@ are independent, and a digit assignment fixes the carry path, so the paths are d
     M_j[c, c'] = P(column(A_j, B_j, c, d_j, c')),
 
 exactly. :class:`ColumnChainLogic` evaluates the program's own ``column/5`` with
-:class:`~gedi_nesy.logic.compiled.CompiledLogic` (2 x base x 2 = 40 small templates, compiled once)
-and multiplies the 2 x 2 matrices for the whole minibatch at once. The distribution over all
+:class:`~gedi_nesy.logic.compiled.CompiledLogic` once, as bilinear forms of the two images'
+tables (:mod:`gedi_nesy.logic.columns`), so a minibatch is a gather and one matrix product,
+and multiplies the 2 x 2 matrices for the whole minibatch at once, rescaled per column
+(:func:`chain_log_probs` for chains whose probability is below the dtype's range). The distribution over all
 sums comes from the same columns with the digit left open: a forward pass over (carry, partial
 sum) with 2 x base^N states per query (20,000 at N = 4).
 
