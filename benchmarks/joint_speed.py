@@ -9,6 +9,10 @@ before any step, and CUDA time is synchronised. One process, so ratios between d
 measured side by side. Needs no MNIST files. Example (the GPU check runs it this way):
 
     python benchmarks/joint_speed.py --devices cpu cuda --digits 1 2 4 15
+
+``--eval Q`` times the logic of test-time evaluation instead, for each N >= 3 (column chain):
+the distribution over all ``2 * 10^N`` sums (``answer_probs``) and the best sum
+(``best_answers``) of Q queries from a fixed random table, after one untimed call.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from gedi_nesy import GEDINet, JointConfig, JointTrainer
 from gedi_nesy.config import GediConfig, LogicConfig, SGLDConfig
 from gedi_nesy.logic.engine import build_logic
+from gedi_nesy.logic.program import ProbabilityTable, tensor_keys
 from tasks.mnist_addition import addition_queries
 
 PROGRAMS = Path(__file__).resolve().parents[1] / "programs"
@@ -59,6 +64,31 @@ def measure(device: str, n_digits: int, batch: int, steps: int, warmup: int, cac
     }  # fmt: skip
 
 
+def measure_eval(device: str, n_digits: int, n_queries: int, cache: str) -> dict:
+    """Seconds per call of the chain's all-sums evaluation of ``n_queries`` queries."""
+    torch.manual_seed(0)
+    labels = torch.randint(10, (2 * n_digits * n_queries,))
+    queries = addition_queries(torch.arange(len(labels)), labels, "train", n_digits)
+    queries = [q.variable_output() for q in queries]  # the sum left open
+    program = PROGRAMS / "multi_addition.pl"
+    logic = build_logic(LogicConfig(engine="column_chain", cache_dir=cache), program,
+                        {"digit_net": 10})  # fmt: skip
+    keys = tensor_keys(queries)
+    probs = torch.softmax(3 * torch.randn(len(keys), 10), -1).to(device)  # (n, 10)
+    tables = {"digit_net": ProbabilityTable(keys, probs)}
+    domain = range(2 * 10**n_digits)
+    row = {"device": device, "digits": n_digits, "queries": n_queries}
+    for name, call in (("answer_probs", lambda: logic.answer_probs(queries, domain, tables)),
+                       ("best_answers", lambda: logic.best_answers(queries, tables))):  # fmt: skip
+        call()
+        _sync(device)
+        start = time.perf_counter()
+        call()
+        _sync(device)
+        row[f"{name}_s"] = round(time.perf_counter() - start, 4)
+    return row
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -72,9 +102,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--cache-dir", default="runs/joint_speed_circuits")
+    parser.add_argument("--eval", type=int, default=0, metavar="Q",
+                        help="time all-sums evaluation of Q queries instead (N >= 3)")  # fmt: skip
     args = parser.parse_args()
     if "cuda" in args.devices and not torch.cuda.is_available():
         parser.error("--devices cuda: torch sees no GPU; use --devices cpu")
+    if args.eval > 0:
+        for n in [n for n in args.digits if n >= 3]:
+            for device in args.devices:
+                print(json.dumps(measure_eval(device, n, args.eval, args.cache_dir)), flush=True)
+        return
     rows = []
     for n in args.digits:
         for device in args.devices:

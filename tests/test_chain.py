@@ -7,6 +7,7 @@ each); image 2 is 0 (0.1) or 9 (0.9); image 3 is 7 (1.0); images 4-7 are dense.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,12 @@ import torch
 from problog.logic import Constant, Term, list2term
 
 from gedi_nesy.errors import DataError, ProgramError
-from gedi_nesy.logic.chain import ColumnChainLogic, chain_probs, sum_distribution
+from gedi_nesy.logic.chain import (
+    ColumnChainLogic,
+    chain_log_probs,
+    chain_probs,
+    sum_distribution,
+)
 from gedi_nesy.logic.compiled import CompiledLogic
 from gedi_nesy.logic.program import ProbabilityTable
 
@@ -153,6 +159,124 @@ def test_refuses_a_program_whose_add_is_not_the_carry_chain(tmp_path):
     single = CompiledLogic(PROGRAMS / "addition.pl", {"digit_net": 10}, cache_dir=tmp_path)
     with pytest.raises(ProgramError, match="cannot evaluate add/3 as a chain of column/5"):
         ColumnChainLogic(single)  # no column/5 (and no add/3) in the one-digit program
+
+
+def column_terms(a: list[int], b: list[int]) -> list[Term]:
+    """``column(A_j, B_j, c, d, c')`` of every column (least significant first) and cell."""
+    pairs = list(zip(a[::-1], b[::-1]))
+    return [
+        Term("column", img(i), img(k), Constant(c), Constant(d), Constant(e))
+        for i, k in pairs
+        for c in (0, 1)
+        for d in range(10)
+        for e in (0, 1)
+    ]
+
+
+def slow_chain(cols: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """The chain as it was: unscaled matrix products, one column at a time."""
+    state = cols[:, 0, 0, :]  # (Q, 2)
+    for j in range(1, cols.shape[1]):
+        state = torch.einsum("qc,qcd->qd", state, cols[:, j])  # (Q, 2)
+    return state.gather(1, last.view(-1, 1)).squeeze(1)  # (Q,)
+
+
+def term_by_term(compiled, pairs, sums, tables) -> tuple[torch.Tensor, torch.Tensor]:
+    """The previous evaluation: every cell a column/5 query of the compiled engine, then the
+    chain for each given sum and the distribution over all sums; (P(S = sums[q]), P(S = s))."""
+    n = len(pairs[0][0])
+    terms = [t for a, b in pairs for t in column_terms(a, b)]
+    cells = compiled.query_probs(terms, tables).probs.view(len(pairs), n, 2, 10, 2)
+    digits = torch.tensor([[s // 10**j % 10 for j in range(n)] for s in sums])  # (Q, N)
+    at = digits.view(len(pairs), n, 1, 1, 1).expand(-1, -1, 2, 1, 2)
+    last = torch.tensor([min(s // 10**n, 1) for s in sums])
+    return slow_chain(cells.gather(3, at).squeeze(3), last), sum_distribution(cells)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_batched_chain_equals_term_by_term(engines, n):
+    chain, compiled = engines
+    probs, tables = dense_table(3 * n, seed=10 + n)
+    a, b, c = list(range(n)), list(range(n, 2 * n)), list(range(2 * n, 3 * n))
+    pairs = [(a, b), (c, b), (b, c), (a, a)]  # (a, a): one image per column, both places
+    sums = [5, 10**n - 1, 2 * 10**n - 2, 2 * 10**n // 3 if n > 1 else 10]
+    ours = chain.query_probs([add(x, y, s) for (x, y), s in zip(pairs, sums)], tables)
+    dist = chain.answer_probs([add(x, y, "S") for x, y in pairs], range(2 * 10**n), tables)
+    slow, slow_dist = term_by_term(compiled, pairs, sums, tables)
+    assert torch.allclose(ours.probs, slow, rtol=1e-12, atol=1e-300)
+    assert torch.allclose(dist.probs, slow_dist, rtol=1e-12, atol=1e-300)
+    assert slow.min() > 0 and dist.probs.sum(1).tolist() == pytest.approx([1.0] * 4, abs=1e-12)
+    weights = torch.rand(len(pairs), 2 * 10**n, generator=torch.Generator().manual_seed(n),
+                         dtype=torch.float64)  # fmt: skip  # (Q, S) distinct weights
+    ours_total = (weights[:, 0] * ours.probs).sum() + (weights * dist.probs).sum()
+    slow_total = (weights[:, 0] * slow).sum() + (weights * slow_dist).sum()
+    (g_ours,) = torch.autograd.grad(ours_total, probs)
+    (g_slow,) = torch.autograd.grad(slow_total, probs)
+    assert torch.allclose(g_ours, g_slow, rtol=1e-12, atol=1e-15) and g_ours.abs().min() > 0
+    best = chain.best_answers([add(x, y, "S") for x, y in pairs], tables)
+    assert best == [Constant(int(row.argmax())) for row in slow_dist]
+
+
+def test_a_column_with_a_probabilistic_fact_matches_term_by_term(tmp_path):
+    # 0.9::ok. is shared by every column, so add/3 is not the chain (check=False), but each
+    # column still is its circuit: P(cell) = 0.9 * P(digits)
+    text = MULTI.replace(
+        "column(A, B, Cin, D, Cout) :- digit", "column(A, B, Cin, D, Cout) :- ok, digit"
+    )
+    compiled = CompiledLogic("0.9::ok.\n" + text, {"digit_net": 10}, cache_dir=tmp_path)
+    chain = ColumnChainLogic(compiled, check=False)
+    probs, tables = dense_table(8, seed=3)
+    pairs, sums = [([0, 1], [2, 3]), ([4, 6], [5, 6])], [57, 108]  # 6: one image, column 0
+    ours = chain.query_probs([add(x, y, s) for (x, y), s in zip(pairs, sums)], tables)
+    dist = chain.answer_probs([add(x, y, "S") for x, y in pairs], range(200), tables)
+    slow, slow_dist = term_by_term(compiled, pairs, sums, tables)
+    assert torch.allclose(ours.probs, slow, rtol=1e-12, atol=1e-300)
+    assert torch.allclose(dist.probs, slow_dist, rtol=1e-12, atol=1e-300)
+    assert dist.probs.sum(1).tolist() == pytest.approx([0.81, 0.81], abs=1e-12)  # 0.9 ^ 2 columns
+    (g_ours,) = torch.autograd.grad(ours.probs.sum() + dist.probs[:, ::7].sum(), probs)
+    (g_slow,) = torch.autograd.grad(slow.sum() + slow_dist[:, ::7].sum(), probs)
+    assert torch.allclose(g_ours, g_slow, rtol=1e-12, atol=1e-15)
+
+
+def test_long_chains_stay_in_range():
+    # 150 columns with entries in (0, 0.2): P ~ 1e-110, below float32 (min ~1e-45), not float64
+    gen = torch.Generator().manual_seed(0)
+    cols = 0.2 * torch.rand(3, 150, 2, 2, generator=gen, dtype=torch.float64) + 1e-3
+    last = torch.tensor([0, 1, 1])
+    exact = slow_chain(cols, last)  # (3,) in float64
+    assert exact.max() < 1e-80 and exact.min() > 0
+    assert torch.equal(chain_probs(cols, last), exact)  # power-of-two scales: bit for bit
+    assert slow_chain(cols.float(), last).tolist() == [0.0, 0.0, 0.0]  # unscaled float32 dies
+    logs = chain_log_probs(cols.float(), last)  # (3,) float32, finite
+    assert torch.allclose(logs.double(), exact.log(), rtol=1e-5)
+    leaf = cols.clone().requires_grad_()
+    (g,) = torch.autograd.grad(chain_log_probs(leaf, last).sum(), leaf)
+    (g_exact,) = torch.autograd.grad(slow_chain(leaf, last).log().sum(), leaf)
+    assert torch.allclose(g, g_exact, rtol=1e-10)
+    ones = torch.ones(1, 150, 2, 2)  # 2^149 carry paths: unscaled float32 overflows to inf
+    assert chain_log_probs(ones, torch.tensor([0])).item() == pytest.approx(149 * math.log(2))
+
+
+def test_a_long_query_in_float32(engines):
+    chain, _ = engines
+    n = 130
+    _, tables = dense_table(2 * n, seed=1)
+    table = {
+        "digit_net": ProbabilityTable(tables["digit_net"].keys, tables["digit_net"].probs.float())
+    }
+    query = [add(list(range(n)), list(range(n, 2 * n)), 10**n + 12345)]
+    small = chain.query_probs(query, table)
+    wide = chain.query_probs(query, tables)
+    assert small.provable.tolist() == [True] and wide.provable.tolist() == [True]
+    assert 0 < wide.probs.item() < 1e-100 and small.probs.item() == 0.0  # below float32's range
+
+
+def test_referenced_keys_follow_the_column_circuits(engines):
+    chain, compiled = engines
+    queries = [add([3, 0], [1, 0], "S"), add([5, 2], [4, 6], 77)]
+    terms = column_terms([3, 0], [1, 0]) + column_terms([5, 2], [4, 6])
+    assert chain.referenced_keys(queries) == compiled.referenced_keys(terms)
+    assert chain.referenced_keys([]) == {}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

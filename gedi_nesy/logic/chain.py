@@ -11,8 +11,10 @@ are independent, and a digit assignment fixes the carry path, so the paths are d
     M_j[c, c'] = P(column(A_j, B_j, c, d_j, c')),
 
 exactly. :class:`ColumnChainLogic` evaluates the program's own ``column/5`` with
-:class:`~gedi_nesy.logic.compiled.CompiledLogic` (2 x base x 2 = 40 small templates, compiled once)
-and multiplies the 2 x 2 matrices for the whole minibatch at once. The distribution over all
+:class:`~gedi_nesy.logic.compiled.CompiledLogic` once, as bilinear forms of the two images'
+tables (:mod:`gedi_nesy.logic.columns`), so a minibatch is a gather and one matrix product,
+and multiplies the 2 x 2 matrices for the whole minibatch at once, rescaled per column
+(:func:`chain_log_probs` for chains whose probability is below the dtype's range). The distribution over all
 sums comes from the same columns with the digit left open: a forward pass over (carry, partial
 sum) with 2 x base^N states per query (20,000 at N = 4).
 
@@ -24,6 +26,7 @@ that names one image in two columns is refused too (its columns would not be ind
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,16 +35,52 @@ from deepproblog.query import Query
 from problog.logic import Constant, Term, list2term, term2list
 
 from gedi_nesy.errors import DataError, ProgramError
+from gedi_nesy.logic.columns import (
+    build_column_tensors,
+    column_cells,
+    column_keys,
+    column_provable,
+)
 from gedi_nesy.logic.compiled import CompiledLogic
 from gedi_nesy.logic.program import ProbabilityTable, QueryProbs, answer_columns, query_term
 
-__all__ = ["ColumnChainLogic", "chain_probs", "sum_distribution"]
+__all__ = ["ColumnChainLogic", "chain_log_probs", "chain_probs", "sum_distribution"]
 
 CHECK_SUMS = (7, 109, 190)  # two-digit sums of the build-time check: no carry, both carries
 
 
+def _scaled_chain(
+    columns: torch.Tensor, last_carry: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chain with its carry state rescaled by a power of two after every column.
+
+    The state after column j is divided by ``2^e_j``, the power of two at or below its largest
+    entry (1 where the state is all zero), so it never drifts towards float under- or overflow
+    however long the chain; dividing by a power of two is exact, and the scales are constants
+    (``detach``): the chain is linear in its state, so values and gradients are the unscaled
+    chain's, times ``2^E``.
+
+    Returns:
+        (the scaled chain value (Q,), the exponent ``E = sum_j e_j`` (Q,), int), so that
+        ``P = value * 2^E``.
+    """
+    state = columns[:, 0, 0, :]  # (Q, 2): carry 0 into the first column
+    exponent = torch.zeros(state.shape[0], dtype=torch.int64, device=state.device)  # (Q,)
+    for j in range(1, columns.shape[1]):
+        _, e = torch.frexp(state.detach().amax(1))  # (Q,): largest = m * 2^e, m in [0.5, 1)
+        e = e.to(torch.int64) - 1  # (Q,): 2^e <= largest < 2^(e+1); 0 -> 2^-1, still exact
+        state = torch.ldexp(state, -e.unsqueeze(1).to(state.dtype))  # (Q, 2): max in [1, 2)
+        exponent = exponent + e
+        state = torch.einsum("qc,qcd->qd", state, columns[:, j])  # (Q, 2): e^T M_0 ... M_j
+    return state.gather(1, last_carry.view(-1, 1)).squeeze(1), exponent  # (Q,), (Q,)
+
+
 def chain_probs(columns: torch.Tensor, last_carry: torch.Tensor) -> torch.Tensor:
     """``e_0^T M_0 ... M_{N-1} e_c`` for a batch of carry chains.
+
+    The carry state is rescaled after every column (:func:`_scaled_chain`), so a long chain
+    underflows only when its probability itself is below the dtype's range; use
+    :func:`chain_log_probs` then.
 
     Args:
         columns: ``M_j[c, c']`` per query and column, least significant first, (Q, N, 2, 2).
@@ -50,10 +89,23 @@ def chain_probs(columns: torch.Tensor, last_carry: torch.Tensor) -> torch.Tensor
     Returns:
         The chain probabilities, (Q,).
     """
-    state = columns[:, 0, 0, :]  # (Q, 2): carry 0 into the first column
-    for j in range(1, columns.shape[1]):
-        state = torch.einsum("qc,qcd->qd", state, columns[:, j])  # (Q, 2)
-    return state.gather(1, last_carry.view(-1, 1)).squeeze(1)  # (Q,)
+    value, exponent = _scaled_chain(columns, last_carry)  # (Q,), (Q,)
+    return torch.ldexp(value, exponent.to(value.dtype))  # (Q,)
+
+
+def chain_log_probs(columns: torch.Tensor, last_carry: torch.Tensor) -> torch.Tensor:
+    """``log(e_0^T M_0 ... M_{N-1} e_c)``, finite for chains whose probability is far below
+    the dtype's range (N = 100+ digits in float32); ``-inf`` where the probability is 0.
+
+    Args:
+        columns: as for :func:`chain_probs`, (Q, N, 2, 2).
+        last_carry: as for :func:`chain_probs`, (Q,).
+
+    Returns:
+        The chain log-probabilities, (Q,).
+    """
+    value, exponent = _scaled_chain(columns, last_carry)  # (Q,), (Q,)
+    return value.log() + exponent.to(value.dtype) * math.log(2.0)  # (Q,)
 
 
 def sum_distribution(cells: torch.Tensor) -> torch.Tensor:
@@ -104,8 +156,25 @@ class ColumnChainLogic:
     ) -> None:
         self.logic, self.predicate, self.column, self.base = logic, predicate, column, base
         self.source, self.networks = logic.source, logic.networks
+        names = sorted(logic.networks)
+        if len(names) != 1:
+            raise ProgramError(
+                f"{self.source}: logic.engine: column_chain needs one digit network, the program "
+                f"declares {names}; use logic.engine: compiled"
+            )
+        self.network = names[0]
+        try:
+            self.tensors = build_column_tensors(logic, self.network, column, base)
+        except DataError as exc:
+            raise self._cannot(exc) from None
         if check:
             self.check_against_program()
+
+    def _cannot(self, exc: Exception) -> ProgramError:
+        return ProgramError(
+            f"{self.source}: logic.engine: column_chain cannot evaluate {self.predicate}/3 as a "
+            f"chain of {self.column}/5 ({exc}); use logic.engine: compiled"
+        )
 
     def _parse(
         self, query: Query | Term, *, open_output: bool
@@ -144,41 +213,48 @@ class ColumnChainLogic:
             )
         return a[::-1], b[::-1], int(s.value)
 
-    def _columns(
+    def _table(
+        self, tables: Mapping[str, ProbabilityTable]
+    ) -> tuple[ProbabilityTable, torch.Tensor]:
+        """(the digit network's table, its (n, K) probabilities where the logic runs)."""
+        self.logic._check_tables(tables)
+        table = tables.get(self.network)
+        if table is None:
+            raise DataError(
+                f"the queries need network '{self.network}', but no probability table was given "
+                f"for it; pass tables={{'{self.network}': ProbabilityTable(...)}}"
+            )
+        return table, table.probs.to(device=self.logic.device or table.probs.device)
+
+    def _cells(
         self,
         parsed: Sequence[tuple[list[Term], list[Term], Any]],
-        cells: Sequence[Sequence[Sequence[tuple[int, int, int]]]],
         tables: Mapping[str, ProbabilityTable],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """P and provability of ``column(A_j, B_j, c, d, c')`` for every query, column and cell.
+        """P and provability (0 or 1) of ``column(A_j, B_j, c, d, c')`` for every query,
+        column and cell, (Q, N, 2, base, 2) each, on the logic's device.
 
         Args:
             parsed: per query (As, Bs, S) from :meth:`_parse`, digits least significant first.
-            cells: ``cells[q][j]``: the cells (c, d, c') asked of column j of query q.
             tables: network name -> probability table.
-
-        Returns:
-            (probs, provable), each flat in (query, column, cell) order.
         """
-        probs, provable = self.logic.query_probs(self._cell_terms(parsed, cells), tables)
-        return probs, provable.to(probs.device)
+        table, probs = self._table(tables)
+        rows = [[self._row(table, key) for key in a + b] for a, b, _ in parsed]
+        index = torch.tensor(rows, dtype=torch.int64).view(len(parsed), 2, -1)  # (Q, 2, N)
+        rows_a, rows_b = index[:, 0].to(probs.device), index[:, 1].to(probs.device)  # (Q, N)
+        shape = (len(parsed), rows_a.shape[1], 2, self.base, 2)
+        cells = column_cells(self.tensors, probs, rows_a, rows_b).view(shape)
+        known = column_provable(self.tensors, rows_a == rows_b, probs.dtype).view(shape)
+        return cells, known
 
-    def _cell_terms(
-        self,
-        parsed: Sequence[tuple[list[Term], list[Term], Any]],
-        cells: Sequence[Sequence[Sequence[tuple[int, int, int]]]],
-    ) -> list[Term]:
-        """The terms ``column(A_j, B_j, c, d, c')``, flat in (query, column, cell) order."""
-        return [
-            Term(self.column, a[j], b[j], Constant(c), Constant(d), Constant(e))
-            for (a, b, _), asked in zip(parsed, cells)
-            for j, column in enumerate(asked)
-            for c, d, e in column
-        ]
-
-    def _every_cell(self) -> list[tuple[int, int, int]]:
-        """Every cell (carry in, digit, carry out) of a column."""
-        return [(c, d, e) for c in (0, 1) for d in range(self.base) for e in (0, 1)]
+    def _row(self, table: ProbabilityTable, key: Term) -> int:
+        row = table.index.get(key)
+        if row is None:
+            raise DataError(
+                f"the probability table of network '{self.network}' has no row for {key} "
+                f"({len(table.keys)} keys); forward every input the queries refer to"
+            )
+        return row
 
     def query_probs(
         self, queries: Sequence[Query | Term], tables: Mapping[str, ProbabilityTable]
@@ -196,20 +272,19 @@ class ColumnChainLogic:
         n = self._digits(parsed)
         if not parsed:
             return QueryProbs(torch.zeros(0), torch.zeros(0, dtype=torch.bool))
-        base = self.base
-        cells = [
-            [[(c, s // base**j % base, e) for c in (0, 1) for e in (0, 1)] for j in range(n)]
-            for _, _, s in parsed
-        ]  # per query and column j: the 4 cells (c, d_j, c'), d_j read off S
-        probs, provable = self._columns(parsed, cells, tables)
-        matrices = probs.view(len(parsed), n, 2, 2)  # (Q, N, c, c')
-        known = provable.view(len(parsed), n, 2, 2).to(probs.dtype)
-        last = torch.tensor([s // base**n for _, _, s in parsed], device=probs.device)  # (Q,)
-        in_range = torch.tensor([0 <= s < 2 * base**n for _, _, s in parsed],
-                                device=probs.device)  # fmt: skip
-        last = last.clamp(0, 1)
-        p = chain_probs(matrices, last) * in_range.to(probs.dtype)  # (Q,)
-        proof = (chain_probs(known, last) > 0) & in_range  # (Q,): some carry path fully provable
+        cells, known = self._cells(parsed, tables)  # (Q, N, 2, base, 2) each
+        base, device = self.base, cells.device
+        digits = torch.tensor(
+            [[s // base**j % base for j in range(n)] for _, _, s in parsed], device=device
+        )  # (Q, N): d_j read off S
+        at = digits.view(len(parsed), n, 1, 1, 1).expand(-1, -1, 2, 1, 2)  # (Q, N, 2, 1, 2)
+        matrices = cells.gather(3, at).squeeze(3)  # (Q, N, c, c'): M_j[c, c'] at d_j
+        proofs = known.gather(3, at).squeeze(3)  # (Q, N, c, c'): 1 where the cell is provable
+        last = torch.tensor([min(max(s // base**n, 0), 1) for _, _, s in parsed], device=device)
+        in_range = torch.tensor([0 <= s < 2 * base**n for _, _, s in parsed], device=device)
+        p = chain_probs(matrices, last) * in_range.to(cells.dtype)  # (Q,)
+        paths, _ = _scaled_chain(proofs, last)  # (Q,): provable carry paths, rescaled
+        proof = (paths > 0) & in_range  # (Q,): some carry path fully provable
         return QueryProbs(p, proof.cpu())
 
     def _digits(self, parsed: Sequence[tuple[list, list, Any]]) -> int:
@@ -226,12 +301,9 @@ class ColumnChainLogic:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """P(S = s) and whether s is provable, (Q, 2 * base^N) each."""
         parsed = [self._parse(q, open_output=True) for q in queries]
-        n = self._digits(parsed)
-        probs, provable = self._columns(parsed, [[self._every_cell()] * n] * len(parsed), tables)
-        shape = (len(parsed), n, 2, self.base, 2)
-        dist = sum_distribution(probs.view(shape))
-        proof = sum_distribution(provable.to(probs.dtype).view(shape)) > 0
-        return dist, proof
+        self._digits(parsed)
+        cells, known = self._cells(parsed, tables)  # (Q, N, 2, base, 2) each
+        return sum_distribution(cells), sum_distribution(known) > 0  # (Q, 2 * base^N) each
 
     def answer_probs(
         self,
@@ -246,14 +318,19 @@ class ColumnChainLogic:
         """
         if not queries:
             return QueryProbs(torch.zeros(0, len(domain)), torch.zeros(0, dtype=torch.bool))
-        dist, proof = self._distributions(queries, tables)
+        dist, proof = self._distributions(queries, tables)  # (Q, S) each
         column = {value: a for a, value in enumerate(domain)}
-        out = dist.new_zeros(len(queries), len(domain))
-        for q, query in enumerate(queries):
-            sums = proof[q].nonzero().flatten().tolist()
-            term = query_term(query)
-            cols = answer_columns(term, [Constant(s) for s in sums], column)
-            out[q, cols] = dist[q, sums]
+        target = torch.tensor([column.get(s, -1) for s in range(dist.shape[1])],
+                              device=dist.device)  # fmt: skip  # (S,): domain column of sum s
+        outside = proof & (target < 0)  # (Q, S): provable sums missing from the domain
+        if bool(outside.any()):
+            q = int(outside.any(1).nonzero()[0])
+            sums = [Constant(s) for s in outside[q].nonzero().flatten().tolist()]
+            answer_columns(query_term(queries[q]), sums, column)  # raises the DataError
+        inside = target >= 0  # (S,)
+        out = dist.new_zeros(len(queries), len(domain))  # (Q, A)
+        kept = torch.where(proof, dist, torch.zeros_like(dist))[:, inside]  # (Q, S in domain)
+        out[:, target[inside]] = kept
         return QueryProbs(out, proof.any(1).cpu())
 
     def best_answers(
@@ -278,19 +355,14 @@ class ColumnChainLogic:
             Network name -> distinct input terms, first-seen order (least significant column
             first); networks the queries never reach are absent.
         """
-        parsed = [self._parse(q, open_output=True) for q in queries]
-        cells = [[self._every_cell()] * len(a) for a, _, _ in parsed]
-        return self.logic.referenced_keys(self._cell_terms(parsed, cells))
+        keys: dict[Term, None] = {}
+        for a, b, _ in (self._parse(q, open_output=True) for q in queries):
+            keys.update(dict.fromkeys(column_keys(self.tensors, list(zip(a, b)))))
+        return {self.network: list(keys)} if keys else {}
 
     def check_against_program(self) -> None:
         """The chain equals the program's own ``add/3`` on two-digit queries, or ProgramError."""
-        names = sorted(self.logic.networks)
-        if len(names) != 1:
-            raise ProgramError(
-                f"{self.source}: logic.engine: column_chain needs one digit network, the program "
-                f"declares {names}; use logic.engine: compiled"
-            )
-        name, k = names[0], self.logic.networks[names[0]]
+        name, k = self.network, self.logic.networks[self.network]
         keys = [Term("tensor", Term("gedi_check", Constant(i))) for i in range(4)]
         gen = torch.Generator().manual_seed(0)
         probs = torch.softmax(torch.randn(4, k, generator=gen, dtype=torch.float64), -1)  # (4, K)
@@ -303,11 +375,7 @@ class ColumnChainLogic:
             ours = self.query_probs(queries, tables).probs
             theirs = self.logic.query_probs(queries, tables).probs
         except (DataError, ProgramError) as exc:
-            raise ProgramError(
-                f"{self.source}: logic.engine: column_chain cannot evaluate "
-                f"{self.predicate}/3 as a chain of {self.column}/5 ({exc}); use logic.engine: "
-                "compiled"
-            ) from None
+            raise self._cannot(exc) from None
         if not torch.allclose(ours, theirs, rtol=1e-9, atol=1e-12):
             raise ProgramError(
                 f"{self.source}: {self.predicate}/3 is not the carry chain of {self.column}/5: on "
