@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
 from gedi_nesy.bench.plan import BenchConfig, trials
@@ -90,7 +91,10 @@ def test_a_local_bench_runs_every_trial_once_on_one_node(local_run):
 
 @pytest.mark.slow  # about a minute and a half: a loopback cluster, then four real trials
 @needs_data
-def test_a_two_node_loopback_cluster_gives_the_local_results(local_run, tmp_path):
+def test_a_two_node_loopback_cluster_gives_the_local_results(local_run, tmp_path, monkeypatch):
+    # Ray's single-machine mode: every address stays 127.0.0.1 (else the driver would rewrite
+    # the head's 127.0.0.1 to this machine's outward address)
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
     cluster = Cluster()
     try:
         head = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False}
