@@ -203,12 +203,8 @@ def run_bench(
     _check_options(jobs, gpus_per_trial, retries)
     all_trials = trials(cfg)
     check_finished_configs(cfg, all_trials)
-    out = bench_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "bench.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    out = _write_plan(cfg, audit)
     cfg = replace(cfg, out_dir=str(Path(cfg.out_dir).resolve()))  # the path every node sees
-    if audit is not None:
-        atomic_write_json(out / "audit.json", dict(audit))
     pending = [t for t in all_trials if not is_finished(cfg, t)]
     bar = tqdm(total=len(all_trials), initial=len(all_trials) - len(pending), disable=not progress,
                desc=cfg.name, unit="trial")  # fmt: skip
@@ -228,6 +224,16 @@ def run_bench(
         "nodes": dict(Counter(o.node for o in outcomes if o.status == "done" and o.node)),
         "folder": str(out),
     }
+
+
+def _write_plan(cfg: BenchConfig, audit: Mapping[str, Any] | None) -> Path:
+    """Create the bench folder with ``bench.yaml`` (and ``audit.json``); returns the folder."""
+    out = bench_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "bench.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if audit is not None:
+        atomic_write_json(out / "audit.json", dict(audit))
+    return out.resolve()
 
 
 def _check_options(jobs: int | None, gpus: float, retries: int) -> None:
