@@ -39,7 +39,29 @@ def get_parser() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a bench value, e.g. --set seeds=[0,1] --set base.optim.epochs=2",
     )  # fmt: skip
-    bench.add_argument("--jobs", type=int, default=1, help="trials run in parallel processes")
+    bench.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="at most N trials at once (default: 1 locally, a cluster's resources)",
+    )
+    bench.add_argument(
+        "--address",
+        default=None,
+        help="join the Ray cluster at HOST:PORT (default: RAY_ADDRESS, else local)",
+    )
+    bench.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        default=1.0,
+        help="share of a GPU each CUDA trial reserves, e.g. 0.5 packs two",
+    )
+    bench.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        help="reruns of a trial whose worker or node died (it resumes)",
+    )
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -144,7 +166,15 @@ def _run_bench(args: argparse.Namespace) -> dict[str, Any]:
     task = cfg.base.get("task", {})
     result = _task_audit(_task_module(task.get("name", "mnist_addition")), task)
     summary = None if result is None else audit_to_dict(result)
-    out = run_bench(cfg, jobs=args.jobs, audit=summary, progress=not args.no_progress)
+    out = run_bench(
+        cfg,
+        jobs=args.jobs,
+        address=args.address,
+        gpus_per_trial=args.gpus_per_trial,
+        retries=args.retries,
+        audit=summary,
+        progress=not args.no_progress,
+    )
     print((Path(out["folder"]) / "summary.md").read_text())
     if out["elsewhere"]:
         print(f"still running in another process, so left to it: {', '.join(out['elsewhere'])}; "

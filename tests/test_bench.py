@@ -20,7 +20,7 @@ from gedi_nesy.bench.report import (
     summary_table,
     write_report,
 )
-from gedi_nesy.bench.run import run_trial
+from gedi_nesy.bench.trial import Outcome, run_trial
 from gedi_nesy.cli import main
 from gedi_nesy.errors import ConfigError
 from gedi_nesy.schema import from_dict, load_config
@@ -256,7 +256,7 @@ def test_a_trial_finished_since_the_bench_planned_it_is_not_run_again(tmp_path):
     folder = tmp_path / "b/trials" / trial.name
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text("{}")  # another bench process finished it meanwhile
-    run_trial(cfg, trial)
+    assert run_trial(cfg, trial, "n1") == Outcome(trial.name, "done", "n1")
     assert not (tmp_path / f"b/trials/{trial.name}.log").exists()  # no process was started
     assert (folder / "metrics.json").read_text() == "{}"
 
@@ -266,13 +266,22 @@ def test_a_trial_another_process_holds_is_left_to_it(tmp_path):
     trial = trials(cfg)[0]
     folder = tmp_path / "b/trials"
     folder.mkdir(parents=True)
-    with open(folder / f"{trial.name}.lock", "a") as held:  # as another bench process would
+    with open(folder / f"{trial.name}.lock", "a") as held:  # as another driver or node would
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        assert run_trial(cfg, trial) is False
+        assert run_trial(cfg, trial).status == "elsewhere"
         assert not (folder / f"{trial.name}.log").exists()  # no process was started
     (folder / trial.name).mkdir()
     (folder / trial.name / "metrics.json").write_text("{}")  # it finished, then let go
-    assert run_trial(cfg, trial) is True
+    assert run_trial(cfg, trial).status == "done"
+
+
+def test_a_trial_that_fails_on_its_own_reports_its_last_line_and_is_not_retried(tmp_path):
+    cfg = _cfg(tmp_path, base={"task": {"name": "no_such_task"}})
+    outcome = run_trial(cfg, trials(cfg)[0], cwd=str(tmp_path))  # a real, failing train process
+    log = tmp_path / "b/trials/dpl-s3.log"
+    assert outcome.status == "failed"
+    assert outcome.error.startswith(f"trial dpl-s3 failed ({log}): error: task.name = ")
+    assert "'no_such_task' is unknown" in outcome.error
 
 
 def test_bench_names_the_trials_another_process_still_runs(tmp_path, capsys):
@@ -280,7 +289,7 @@ def test_bench_names_the_trials_another_process_still_runs(tmp_path, capsys):
     folder = tmp_path / "tiny/trials"
     (folder / "dpl-s1").mkdir(parents=True)
     (folder / "dpl-s1/metrics.json").write_text('{"test_task_acc": 0.5, "acc_c": 0.25}')
-    with open(folder / "dpl-s0.lock", "a") as held:
+    with open(folder / "dpl-s0.lock", "a") as held:  # the Ray task finds it held
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert main(["bench", config, "--no-progress"]) == 0
     out, err = capsys.readouterr()
