@@ -44,11 +44,13 @@ from gedi_nesy.train.runtime import atomic_write_json, atomic_write_text
 __all__ = ["BenchConfig", "run_bench", "run_trial"]
 
 POLL_S = 1.0  # seconds between progress-bar refreshes while trials run
+LOOPBACK = "127.0.0.1"  # the local runtime's address: nothing outside this machine reaches it
 
 
 def connect(address: str | None, num_cpus: int) -> bool:
     """Join the Ray cluster at ``address`` (or ``RAY_ADDRESS``), or start a local Ray runtime
-    with ``num_cpus`` logical CPUs; nothing when this process is already connected.
+    with ``num_cpus`` logical CPUs, listening on 127.0.0.1 only; nothing when this process is
+    already connected.
 
     Args:
         address: ``host:port`` of a cluster's head, or None.
@@ -64,8 +66,8 @@ def connect(address: str | None, num_cpus: int) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
-    if address is None:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
+    if address is None:  # a runtime of this machine alone: it listens on loopback only
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK, **quiet)
         return True
     try:
         ray.init(address=address, **quiet)
