@@ -255,6 +255,10 @@ class LogicConfig:
     engine: Literal["compiled", "deepproblog", "column_chain"] = "compiled"
     cache_dir: str | None = None  # compiled circuits; None: ~/.cache/gedi_nesy/compiled
     eval_batch: int = 256  # queries per evaluation call
+    # let the SDD library garbage-collect and reorder variables while compiling: multi-digit
+    # circuits stay near-linear in N (without it a 4-digit query's SDD is ~14x larger); false for
+    # programs whose compilation stalls in ProbLog's build_sdd with it
+    sdd_auto_gc: bool = True
 
     def __post_init__(self) -> None:
         check_section(self, "logic", eval_batch=">= 1")

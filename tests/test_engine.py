@@ -126,3 +126,17 @@ def test_the_oracle_asks_any_engine(engines, kind):
     assert one_hot_query_prob(engines[kind], "digit_net", query, sure) == 1.0
     sure[img(1)] = 3  # 10 + 37 = 47
     assert one_hot_query_prob(engines[kind], "digit_net", query, sure) == 0.0
+
+
+def test_logic_sdd_auto_gc_reaches_the_compiler_and_leaves_the_probabilities(cache, digit_table):
+    engines = {
+        auto_gc: build_logic(
+            LogicConfig(engine="compiled", cache_dir=str(cache), sdd_auto_gc=auto_gc), MULTI, DIGITS
+        )
+        for auto_gc in (True, False)
+    }
+    for auto_gc, engine in engines.items():
+        assert engine.sdd_auto_gc is auto_gc
+        probs, _ = engine.query_probs([SUMS[1][0]], digit_table)
+        assert float(probs[0]) == pytest.approx(0.45, abs=1e-12)  # d2 = 9 (0.9), d0 + d1 = 5
+    assert engines[True].cache.path("t") != engines[False].cache.path("t")  # cached apart

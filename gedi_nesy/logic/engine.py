@@ -91,6 +91,8 @@ def build_logic(cfg: LogicConfig, program: str | Path, networks: Mapping[str, in
         ProgramError: the program does not parse or does not match the networks.
     """
     if cfg.engine == "deepproblog":
-        return LogicModel(program, networks)
-    compiled = CompiledLogic(program, networks, cache_dir=cfg.cache_dir)
+        return LogicModel(program, networks, sdd_auto_gc=cfg.sdd_auto_gc)
+    compiled = CompiledLogic(
+        program, networks, cache_dir=cfg.cache_dir, sdd_auto_gc=cfg.sdd_auto_gc
+    )
     return ColumnChainLogic(compiled) if cfg.engine == "column_chain" else compiled
