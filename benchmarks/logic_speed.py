@@ -21,7 +21,8 @@ first run compiles them).
 Four-digit addition (``--batches-4``, ``--stock-4``): DeepProbLog's step on single queries, each
 timed the first time its sum is seen, as in an epoch, where most of the 19,999 sums are new to its
 cache; against :class:`gedi_nesy.logic.chain.ColumnChainLogic`
-(``logic.engine: column_chain``), timed as above. Example:
+(``logic.engine: column_chain``), timed as above. ``--ratio B``: two-digit logic against the
+network's forward + backward at batch 32 and 256, B timed batches each, and their ratio. Example:
 
     python benchmarks/logic_speed.py --batches-1 4 --batches-2 1 --eval-stock 1 --batches-4 4
 """
@@ -45,6 +46,7 @@ from deepproblog.semiring.graph_semiring import GraphSemiring
 from deepproblog.train import TrainObject
 from problog.logic import Constant, Term, list2term
 
+from gedi_nesy.gedi.nets import GEDINet
 from gedi_nesy.logic.chain import ColumnChainLogic
 from gedi_nesy.logic.compiled import CompiledLogic
 from gedi_nesy.logic.dpl import LogicModel
@@ -196,6 +198,40 @@ def time_logic(logic: LogicModel | CompiledLogic, batches: list) -> float:
     return seconds_per_batch(step, batches)
 
 
+def time_network(net: nn.Module, batches: list, images: torch.Tensor) -> float:
+    """Seconds per batch of the network alone: one forward over the batch's images and one
+    backward (of a stand-in loss), as the joint step runs it."""
+
+    def step(batch: Sequence[Query]) -> None:
+        keys = tensor_keys(batch)
+        x = images[[int(k.args[0].args[0]) for k in keys]]  # (n, 1, 28, 28)
+        net.zero_grad()
+        torch.log_softmax(net(x), -1).mean().backward()  # (n, 10) -> ()
+
+    return seconds_per_batch(step, batches)
+
+
+def bench_ratio(args: argparse.Namespace) -> None:
+    """Two-digit addition: the compiled logic (query_probs + backward on fixed tables) against
+    the network's forward + backward (the CLI's GEDINet and DeepProbLog's MNIST CNN) on the same
+    batches, at batch 32 and 256; prints logic / network."""
+    rng = random.Random(args.seed + 2)
+    labels = [rng.randrange(10) for _ in range(args.images)]
+    images = torch.rand(args.images, 1, 28, 28) * 2 - 1  # (n, 1, 28, 28)
+    logic = CompiledLogic(PROGRAMS / "multi_addition.pl", NETWORKS, cache_dir=args.cache_dir)
+    torch.manual_seed(args.seed)
+    nets = {"GEDINet": GEDINet(k=10), "MNIST CNN": SmallCNN()}
+    for batch in (32, 256):
+        batches = [[make_query(2, labels, rng) for _ in range(batch)] for _ in range(args.ratio)]
+        logic.prepare([q for b in batches for q in b])
+        seconds = time_logic(logic, batches)
+        for name, net in nets.items():
+            network = time_network(net, batches, images)
+            print(f"ratio 2-digit, batch {batch}: logic {seconds:.4f} s, {name} forward + "
+                  f"backward {network:.4f} s; logic / network = "
+                  f"{seconds / network:.2f}")  # fmt: skip
+
+
 def report(what: str, seconds: dict[str, float], batch: int) -> None:
     """One line: seconds per 100 queries of each engine, and how much faster compiled is."""
     line = ", ".join(f"{k} {v * 100 / batch:.4f}" for k, v in seconds.items())
@@ -287,6 +323,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-ours", type=int, default=64, help="compiled evaluation queries")
     parser.add_argument("--batches-4", type=int, default=0, help="timed four-digit batches")
     parser.add_argument("--stock-4", type=int, default=2, help="stock four-digit queries")
+    parser.add_argument("--ratio", type=int, default=0, help="timed batches of the logic/network"
+                        " ratio (two digits, batch 32 and 256)")  # fmt: skip
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
@@ -306,6 +344,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         bench_eval(args)
     if args.batches_4 > 0:
         bench_four(args)
+    if args.ratio > 0:
+        bench_ratio(args)
 
 
 if __name__ == "__main__":
