@@ -9,7 +9,6 @@ atomically: to a temporary file in the target folder, then moved over the target
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,8 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from gedi_nesy.files import atomic_write
 
 
 def _as_array(x: Any) -> np.ndarray:
@@ -35,18 +36,11 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def _save_atomic(fig: Figure, path: str | os.PathLike[str], dpi: int) -> Path:
-    """Writes ``fig`` as a PNG to a temporary file next to ``path``, then renames it to ``path``."""
+    """Writes ``fig`` as a PNG through :func:`gedi_nesy.files.atomic_write` (a temporary file
+    next to ``path``, then a rename), creating the folder first."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write(target, lambda f: fig.savefig(f, format="png", dpi=dpi))
 
 
 def save_confusion_png(
