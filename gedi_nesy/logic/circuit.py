@@ -40,7 +40,7 @@ with warnings.catch_warnings():
     from deepproblog.query import Query
     from deepproblog.solver import Solver
 
-__all__ = ["DIV", "FORMAT_VERSION", "SOP", "Circuit", "compile_circuit"]
+__all__ = ["DIV", "FORMAT_VERSION", "SOP", "Circuit", "compile_circuit", "is_exact"]
 
 FORMAT_VERSION = 1  # bump when the stored arrays change meaning
 SOP, DIV = 0, 1  # op kinds: sum of binary products, division (the normaliser of a query)
@@ -61,8 +61,9 @@ class _Ref:
         return f"_Ref({self.id})"
 
 
-def _exact(a: Any, value: float) -> bool:
-    """Whether ``a`` is the plain float ``value`` (a node never is: it carries a gradient)."""
+def is_exact(a: Any, value: float) -> bool:
+    """Whether ``a`` is the plain float ``value`` (a recorded node or a tensor never is: each
+    carries a gradient). Both semirings that drop ``x * 0.0`` use it."""
     return type(a) is float and a == value
 
 
@@ -113,20 +114,20 @@ class _Recorder(Semiring):
         return True
 
     def plus(self, a: Any, b: Any) -> Any:
-        if _exact(b, 0.0):
+        if is_exact(b, 0.0):
             return a
-        if _exact(a, 0.0):
+        if is_exact(a, 0.0):
             return b
         if type(a) is float and type(b) is float:
             return a + b
         return self._binary("add", a, b, commutative=True)
 
     def times(self, a: Any, b: Any) -> Any:
-        if _exact(a, 0.0) or _exact(b, 0.0):
+        if is_exact(a, 0.0) or is_exact(b, 0.0):
             return 0.0
-        if _exact(b, 1.0):
+        if is_exact(b, 1.0):
             return a
-        if _exact(a, 1.0):
+        if is_exact(a, 1.0):
             return b
         if type(a) is float and type(b) is float:
             return a * b
@@ -138,7 +139,7 @@ class _Recorder(Semiring):
         return self._node("neg", a.id)
 
     def normalize(self, a: Any, z: Any) -> Any:
-        if _exact(z, 1.0):
+        if is_exact(z, 1.0):
             return a
         if type(a) is float and type(z) is float:
             return a / z

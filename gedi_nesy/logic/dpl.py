@@ -22,6 +22,7 @@ import torch
 from problog.logic import Term, term2list
 
 from gedi_nesy.errors import DataError
+from gedi_nesy.logic.circuit import is_exact
 from gedi_nesy.logic.program import (
     ProbabilityTable,
     QueryProbs,
@@ -43,11 +44,6 @@ with warnings.catch_warnings():
 __all__ = ["ExactZeroSemiring", "LogicModel"]
 
 
-def _is_exact(a: Any, value: float) -> bool:
-    """Whether ``a`` is the plain float ``value`` (a tensor never is: it carries a gradient)."""
-    return type(a) is float and a == value
-
-
 class ExactZeroSemiring(GraphSemiring):
     """DeepProbLog's GraphSemiring with exact-zero and exact-one shortcuts on plain floats.
 
@@ -59,18 +55,18 @@ class ExactZeroSemiring(GraphSemiring):
     """
 
     def plus(self, a: Any, b: Any) -> Any:
-        if _is_exact(b, 0.0):
+        if is_exact(b, 0.0):
             return a
-        if _is_exact(a, 0.0):
+        if is_exact(a, 0.0):
             return b
         return a + b
 
     def times(self, a: Any, b: Any) -> Any:
-        if _is_exact(a, 0.0) or _is_exact(b, 0.0):
+        if is_exact(a, 0.0) or is_exact(b, 0.0):
             return 0.0
-        if _is_exact(b, 1.0):
+        if is_exact(b, 1.0):
             return a
-        if _is_exact(a, 1.0):
+        if is_exact(a, 1.0):
             return b
         return a * b
 
