@@ -104,9 +104,10 @@ def test_check_program_errors(networks, fragment):
         check_program(PROGRAM, networks, source="p.pl")
 
 
-def test_check_program_rejects_learnable_probabilities():
-    with pytest.raises(ProgramError, match=r"p\.pl:3: t\(\.\.\.\) learnable probabilities"):
-        check_program(PROGRAM + "t(0.5) :: coin.\n", {"digit_net": 3}, source="p.pl")
+def test_check_program_accepts_learnable_and_rejects_untrainable_probabilities():
+    check_program(PROGRAM + "t(0.5) :: coin.\n", {"digit_net": 3}, source="p.pl")
+    with pytest.raises(ProgramError, match=r"p\.pl:3: .* mixes t\(\.\.\.\) and fixed"):
+        check_program(PROGRAM + "t(0.5)::h; 0.5::t.\n", {"digit_net": 3}, source="p.pl")
 
 
 DIGIT_DOMAINS = {"half_addition.pl": 5}  # digits 0-4 (MNIST-Half); every other program: 0-9

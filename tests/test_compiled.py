@@ -336,8 +336,8 @@ def test_errors_say_what_to_fix(compiled, digit_probs, tmp_path):
         logic.query_probs(
             [Term("addition", img(0), img(1), Constant(3))], {"other": tables["digit_net"]}
         )
-    with pytest.raises(ProgramError, match="t\\(...\\)"):
-        CompiledLogic("t(0.5)::f.\n" + text, DIGITS, cache_dir=tmp_path)
+    with pytest.raises(ProgramError, match="<program>:1: .* mixes t\\(...\\) and fixed"):
+        CompiledLogic("t(0.5)::f; 0.5::g.\n" + text, DIGITS, cache_dir=tmp_path)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -142,7 +142,8 @@ class ColumnChainLogic:
         check: compare the chain with the program's own ``predicate/3`` when built.
 
     Raises:
-        ProgramError: the program's ``predicate/3`` is not the carry chain of ``column/5``.
+        ProgramError: the program's ``predicate/3`` is not the carry chain of ``column/5``, or
+            it has ``t(...)`` learnable probabilities.
     """
 
     def __init__(
@@ -162,6 +163,13 @@ class ColumnChainLogic:
                 f"{self.source}: logic.engine: column_chain needs one digit network, the program "
                 f"declares {names}; use logic.engine: compiled"
             )
+        if logic.parameters is not None:
+            raise ProgramError(
+                f"{self.source}: logic.engine: column_chain evaluates fixed column tensors and "
+                f"cannot train the program's t(...) probabilities {logic.parameters.names}; use "
+                f"logic.engine: compiled"
+            )
+        self.parameters = None  # the chain never trains t(...) probabilities
         self.network = names[0]
         try:
             self.tensors = build_column_tensors(logic, self.network, column, base)

@@ -13,9 +13,10 @@ into it), levelled, and stored as plain index arrays (:class:`Circuit`), which
 Differences from stock DeepProbLog: ``x * 0.0`` with a plain-float zero is dropped (as
 :class:`gedi_nesy.logic.dpl.ExactZeroSemiring` does; the same values and gradients for finite
 inputs), and sums and products are re-associated, so results agree to rounding (~1e-16
-relative in float64). Not supported, as in :func:`gedi_nesy.logic.program.check_program`:
-``t(...)`` learnable probabilities, ``nn/3`` / ``nn/2``, networks with several inputs,
-DeepProbLog's tensor builtins.
+relative in float64). A ``t(i)`` learnable probability is recorded as a leaf of the
+pseudo-network :data:`~gedi_nesy.logic.params.PARAMETER_NETWORK` (column i of its one row).
+Not supported, as in :func:`gedi_nesy.logic.program.check_program`: ``nn/3`` / ``nn/2``,
+networks with several inputs, DeepProbLog's tensor builtins.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ import numpy as np
 from problog.errors import ProbLogError
 from problog.evaluator import Semiring
 from problog.formula import LogicDAG, LogicFormula
-from problog.logic import Constant, Term, term2list
+from problog.logic import Constant, Term, list2term, term2list
 from problog.sdd_formula import SDD
 
 from gedi_nesy.errors import ProgramError
+from gedi_nesy.logic.params import PARAMETER_KEY, PARAMETER_NETWORK
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)  # deepproblog.engines: "PySwip could not be found"
@@ -44,6 +46,7 @@ __all__ = ["DIV", "FORMAT_VERSION", "SOP", "Circuit", "compile_circuit", "is_exa
 
 FORMAT_VERSION = 1  # bump when the stored arrays change meaning
 SOP, DIV = 0, 1  # op kinds: sum of binary products, division (the normaliser of a query)
+PARAMETER_INPUTS = list2term([PARAMETER_KEY])  # t(i) is column i of the pseudo-network's row
 
 
 # --------------------------------------------------------------------------- recording semiring
@@ -73,7 +76,8 @@ class _Recorder(Semiring):
     Plain floats are folded exactly as GraphSemiring folds them (0 + x, 1 * x, float op float);
     ``x * 0.0`` is 0.0 as in :class:`gedi_nesy.logic.dpl.ExactZeroSemiring`. Everything else
     becomes a node ``("add" | "mul" | "div", a, b)``, ``("neg", a)`` (1 - a), ``("const", v)`` or
-    ``("leaf", network, inputs, j)`` (column j of the network's output on ``inputs``).
+    ``("leaf", network, inputs, j)`` (column j of the network's output on ``inputs``; ``t(i)`` is
+    column i of the parameter pseudo-network's one row).
     """
 
     eps = 1e-5  # GraphSemiring's tolerance for is_one / is_zero
@@ -153,10 +157,12 @@ class _Recorder(Semiring):
         if type(a) is Term and a.functor == "nn":
             j = int(a.args[2]) if len(a.args) == 3 else 0
             return self._node("leaf", str(a.args[0]), a.args[1], j)
-        if type(a) is Term and a.functor in ("t", "tensor"):
+        if type(a) is Term and a.functor == "t":  # DeepProbLog's t(i): parameter i
+            return self._node("leaf", PARAMETER_NETWORK, PARAMETER_INPUTS, int(a.args[0]))
+        if type(a) is Term and a.functor == "tensor":
             raise ProgramError(
-                f"probability {a} is a {a.functor}(...) term; compiled inference serves fixed "
-                f"probabilities and nn/4 only, use engine 'deepproblog' for this program"
+                f"probability {a} is a tensor(...) term; compiled inference serves fixed "
+                f"probabilities, t(...) and nn/4 only, use engine 'deepproblog' for this program"
             )
         if type(a) is Term and a.functor == "'/'":
             return float(a)

@@ -24,6 +24,7 @@ from problog.logic import Term
 from gedi_nesy.errors import DataError
 from gedi_nesy.logic.batch import Group, Layout, build_program, circuit_layout, run_program
 from gedi_nesy.logic.circuit import compile_circuit
+from gedi_nesy.logic.params import PARAMETER_NETWORK, ProbabilityParameters, keep_random_state
 from gedi_nesy.logic.program import (
     ProbabilityTable,
     QueryProbs,
@@ -83,6 +84,9 @@ class CompiledLogic:
             the probabilities do not depend on it).
 
     Attributes:
+        parameters: the program's ``t(...)`` learnable probabilities
+            (:class:`~gedi_nesy.logic.params.ProbabilityParameters`), read by every evaluation
+            with autograd; None when it has none.
         stats: template look-ups answered from memory (``memory_hits``), from disk
             (``disk_hits``), and templates compiled (``compiled``).
     """
@@ -99,12 +103,16 @@ class CompiledLogic:
         self.text, self.source = program_text(program)
         self.declarations = check_program(self.text, networks, self.source)
         self.networks = dict(networks)
+        self.parameters = ProbabilityParameters.from_program(self.text, self.source)
         self.device = None if device is None else torch.device(device)
         self.sdd_auto_gc = sdd_auto_gc
         folder = default_cache_dir() if cache_dir is None else Path(cache_dir)
         self.cache = CircuitCache(folder, self.text, sdd_auto_gc=sdd_auto_gc)
         self.stats = {"memory_hits": 0, "disk_hits": 0, "compiled": 0}
-        self._names = sorted(self.networks)  # network i of the batch programs
+        n_parameters = 0 if self.parameters is None else len(self.parameters)
+        # network i of the batch programs; the t(...) pseudo-network last
+        self._names = sorted(self.networks) + ([PARAMETER_NETWORK] if n_parameters else [])
+        self._k = {**self.networks, PARAMETER_NETWORK: n_parameters}
         self._groups = max(2, 1 + len(self._names))  # node groups per level, see circuit_layout
         self._layouts: dict[str, Layout] = {}  # template text -> layout
         self._by_key: dict[Any, Layout] = {}  # template_key -> layout
@@ -114,11 +122,14 @@ class CompiledLogic:
         """DeepProbLog's exact engine over the program, built on the first cache miss.
 
         As in :class:`gedi_nesy.logic.dpl.LogicModel`, DeepProbLog's tensor builtins are not
-        registered (``add/3`` stays free for programs).
+        registered (``add/3`` stays free for programs). Its ``t(...)`` values are never read
+        (the circuit records ``t(i)`` as a leaf), and building it leaves Python's random state
+        as it was.
         """
         if self._solver is None:
-            lookups = [Network(torch.nn.Identity(), name) for name in self._names]
-            model = Model(self.text, lookups, load=False)
+            lookups = [Network(torch.nn.Identity(), name) for name in sorted(self.networks)]
+            with keep_random_state():
+                model = Model(self.text, lookups, load=False)
             self._solver = model.solver = Solver(model, ExactEngine(model), cache=False)
         return self._solver
 
@@ -192,6 +203,9 @@ class CompiledLogic:
         """The table row of each neural atom of one query."""
         rows = []
         for name, slot, key in layout.atoms:
+            if name == PARAMETER_NETWORK:
+                rows.append(0)  # the parameters' one row
+                continue
             if slot >= 0:
                 key = slots[slot]
             elif has_slot(key):
@@ -224,6 +238,8 @@ class CompiledLogic:
             tables[name].probs.to(device=device, dtype=dtype) if name in tables else None
             for name in self._names
         ]  # (n, K) each, autograd intact
+        if self.parameters is not None:
+            probs[-1] = self.parameters.table(dtype, device)  # (1, P), in the tables' dtype
         return device, dtype, probs
 
     def _evaluate(
@@ -252,7 +268,7 @@ class CompiledLogic:
         device, dtype, probs = self._table_tensors(tables)
         if int(sizes.sum()) == 0:
             return torch.zeros(0, device=device, dtype=dtype), offsets
-        k = [self.networks[name] for name in self._names]
+        k = [self._k[name] for name in self._names]
         program = build_program(groups, k, self._groups, int(sizes.sum()), device, dtype)
         return run_program(program, probs), offsets
 
@@ -382,6 +398,8 @@ class CompiledLogic:
         for query in queries:
             lay, slots, _ = self._instance(query, open_output=False)
             for name, slot, key in lay.atoms:
+                if name == PARAMETER_NETWORK:
+                    continue
                 key = slots[slot] if slot >= 0 else fill_slots(key, slots)
                 keys.setdefault(name, {})[key] = None
         return {name: list(found) for name, found in keys.items()}

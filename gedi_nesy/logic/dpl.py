@@ -11,6 +11,7 @@ batch, and no image passes through DeepProbLog.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import warnings
@@ -23,6 +24,7 @@ from problog.logic import Term, term2list
 
 from gedi_nesy.errors import DataError
 from gedi_nesy.logic.circuit import is_exact
+from gedi_nesy.logic.params import ProbabilityParameters, keep_random_state
 from gedi_nesy.logic.program import (
     ProbabilityTable,
     QueryProbs,
@@ -79,6 +81,27 @@ class ExactZeroSemiring(GraphSemiring):
 
 def _detach(a: Any) -> Any:
     return a.detach() if isinstance(a, torch.Tensor) else a
+
+
+class _BoundParameters:
+    """The ``t(...)`` values of one solve, (P,) in the tables' dtype (None between solves)."""
+
+    values: torch.Tensor | None = None
+
+
+class _ParameterSemiring(ExactZeroSemiring):
+    """:class:`ExactZeroSemiring` reading ``t(i)`` from the engine's
+    :class:`~gedi_nesy.logic.params.ProbabilityParameters` (with autograd) instead of
+    DeepProbLog's float list and gradient hooks."""
+
+    def __init__(self, model: Any, substitution: Any, values: Any, bound: _BoundParameters):
+        super().__init__(model, substitution, values)
+        self.bound = bound
+
+    def value(self, a: Any, key: Any = None) -> Any:
+        if type(a) is Term and a.functor == "t":
+            return self.bound.values[int(a.args[0])]  # () t(i), autograd to the parameters
+        return super().value(a, key)
 
 
 class _LookupNetwork(Network):
@@ -161,6 +184,10 @@ class LogicModel:
     gets its own circuit (shared placeholders would count it as two independent inputs, a bug of
     stock DeepProbLog's cache).
 
+    A ``t(...)`` learnable probability is read from :attr:`parameters`
+    (:class:`~gedi_nesy.logic.params.ProbabilityParameters`) with autograd; DeepProbLog's own
+    float copy and gradient hooks are not used.
+
     DeepProbLog's tensor builtins (``add/3``, ``mul/3``, ``less_than/2``, ...) are not
     registered: lookup networks never see tensors, and ``add/3`` is free for programs.
 
@@ -172,6 +199,9 @@ class LogicModel:
         sdd_auto_gc: let the SDD library garbage-collect and reorder variables while compiling;
             keeps multi-digit circuits near-linear in N (without it the SDD of a 4-digit
             addition query is ~14x larger and its autograd graph ~6x).
+
+    Attributes:
+        parameters: the program's ``t(...)`` probabilities, or None when it has none.
 
     Inference is many tiny scalar ops: run it with ``torch.set_num_threads(1)`` (5x faster
     than 2 threads on a 2-core machine); the trainer sets it.
@@ -189,13 +219,17 @@ class LogicModel:
         self.declarations = check_program(text, networks, self.source)
         self.networks = dict(networks)
         self.device = torch.device(device)
+        self.parameters = ProbabilityParameters.from_program(text, self.source)
+        self._parameter_values = _BoundParameters()
         self._lookups = {name: _LookupNetwork(name) for name in networks}
-        self.model = Model(text, list(self._lookups.values()), load=False)
+        with keep_random_state():  # its t(...) floats are never read, see _ParameterSemiring
+            self.model = Model(text, list(self._lookups.values()), load=False)
+        semiring = functools.partial(_ParameterSemiring, bound=self._parameter_values)
         with contextlib.redirect_stdout(io.StringIO()):  # its Solver prints "Caching ACs"
             self.model.solver = Solver(
                 self.model,
                 ExactEngine(self.model),
-                semiring=ExactZeroSemiring,
+                semiring=semiring,
                 cache=True,
                 sdd_auto_gc=sdd_auto_gc,
             )
@@ -218,10 +252,14 @@ class LogicModel:
         try:
             for name, network in self._lookups.items():
                 network.bind(tables.get(name), self.device)
+            if self.parameters is not None:
+                dtype = next((t.probs.dtype for t in tables.values()), torch.get_default_dtype())
+                self._parameter_values.values = self.parameters.probs.to(self.device, dtype)
             yield
         finally:
             for network in self._lookups.values():
                 network.bind(None, self.device)
+            self._parameter_values.values = None
 
     def query_probs(
         self, queries: Sequence[Query], tables: Mapping[str, ProbabilityTable]

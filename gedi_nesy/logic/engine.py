@@ -42,6 +42,10 @@ class LogicEngine(Protocol):
         source: the program's file name (or ``<program>``), for messages.
         networks: network name -> K, the size of its nn/4 domain (column j of its table is the
             j-th domain value).
+
+    An engine may also have ``parameters``: the program's ``t(...)`` learnable probabilities
+    (:class:`~gedi_nesy.logic.params.ProbabilityParameters`, or None), read by every query with
+    autograd; the trainer optimises them when it is there. The three engines here have it.
     """
 
     source: str

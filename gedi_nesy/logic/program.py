@@ -15,18 +15,20 @@ from typing import Any, NamedTuple
 
 import torch
 from deepproblog.query import Query
-from problog.errors import ParseError
-from problog.logic import Clause, Constant, Or, Term, is_list, term2list
+from problog.errors import ParseError, ProbLogError
+from problog.logic import Clause, Constant, Or, Term, Var, is_list, term2list
 from problog.program import PrologString
 
 from gedi_nesy.errors import DataError, ProgramError
 
 __all__ = [
+    "LearnableFact",
     "NeuralDeclaration",
     "ProbabilityTable",
     "QueryProbs",
     "answer_columns",
     "check_program",
+    "learnable_facts",
     "parse_neural_declarations",
     "program_text",
     "query_term",
@@ -153,15 +155,114 @@ def parse_neural_declarations(
     return declarations
 
 
-def _learnable_probability_lines(program_text: str, source: str) -> list[int]:
-    """Lines with a ``t(...)`` learnable probability (DeepProbLog's optimizer never updates it)."""
-    lines = []
+@dataclass(frozen=True)
+class LearnableFact:
+    """One ``t(...)`` learnable probability, numbered as DeepProbLog 2.1 numbers it.
+
+    DeepProbLog's ``Model._extract_parameters`` walks the statements in order and gives each
+    ``t(...)`` of a fact, of a clause head and of a body-less annotated disjunction the next
+    index (``Model.parameters[index]``); the t(...) entries of one disjunction form a group
+    (``Model.parameter_groups``). :func:`learnable_facts` keeps that order, so index i here is
+    the ``t(i)`` DeepProbLog's grounding puts in the circuits.
+
+    Attributes:
+        index: the parameter's index.
+        initial: the starting value of ``t(p)`` (``p`` a number or a fraction such as ``1/4``, in
+            [0, 1]); None for ``t(_)``, which DeepProbLog starts at ``random.random()``.
+        group: index of its annotated disjunction, None for a fact or clause of its own.
+        name: the annotated head as text, e.g. ``house_rank(jack)``.
+        line: line of the statement in the program text (1-based).
+    """
+
+    index: int
+    initial: float | None
+    group: int | None
+    name: str
+    line: int
+
+
+def _learnable_initial(head: Term, where: str) -> float | None:
+    """The starting value of a ``t(...)`` head: a number in [0, 1], or None for ``t(_)``."""
+    t = head.probability
+    if t.arity != 1:
+        raise ProgramError(f"{where} has t/{t.arity}; write t(p) with p in [0, 1], or t(_)")
+    (value,) = t.args
+    if isinstance(value, Var):
+        return None
+    try:
+        p = float(value)
+    except (ProbLogError, TypeError, ValueError):
+        p = None
+    if p is None or not 0.0 <= p <= 1.0:
+        raise ProgramError(
+            f"{where} starts at {value}; write t(p) with p a number in [0, 1] (e.g. 0.1 or 1/4), "
+            f"or t(_) for a random start"
+        )
+    return p
+
+
+def _is_learnable(head: Term) -> bool:
+    p = head.probability
+    return isinstance(p, Term) and p.functor == "t"
+
+
+def _statement_facts(statement: Any, line: int, source: str, first: int, group: int) -> list[Any]:
+    """The learnable facts of one statement, as DeepProbLog's ``_extract_parameters`` sees it."""
+    if type(statement) is Term:
+        heads = [statement]
+    elif type(statement) is Clause:
+        heads = [statement.head]
+    elif type(statement) is Or:
+        heads = list(statement.to_list())
+    else:
+        if any(_is_learnable(h) for h in getattr(statement, "heads", None) or []):
+            raise ProgramError(
+                f"{source}:{line}: {statement} is an annotated disjunction with a body and t(...) "
+                f"entries, which DeepProbLog 2.1 does not number (it would read the wrong "
+                f"parameter); write the disjunction as a fact without a body, "
+                f"t(p)::a; t(q)::b., and use it in a rule"
+            )
+        return []
+    learnable = [h for h in heads if _is_learnable(h)]
+    in_group = type(statement) is Or and bool(learnable)
+    if in_group and len(learnable) != len(heads):
+        raise ProgramError(
+            f"{source}:{line}: the annotated disjunction {statement} mixes t(...) and fixed "
+            f"probabilities; DeepProbLog normalises the t(...) entries to sum 1 on their own, so "
+            f"make every entry t(...) or none"
+        )
+    facts = []
+    for i, head in enumerate(learnable):
+        name = str(head.with_probability(None))
+        where = f"{source}:{line}: {head.probability}::{name}"
+        group_index = group if in_group else None
+        facts.append(LearnableFact(first + i, _learnable_initial(head, where), group_index, name,
+                                   line))  # fmt: skip
+    return facts
+
+
+def learnable_facts(program_text: str, source: str = "<program>") -> list[LearnableFact]:
+    """The program's ``t(...)`` learnable probabilities, in DeepProbLog's parameter order.
+
+    Args:
+        program_text: the program.
+        source: file name used in error messages.
+
+    Returns:
+        One :class:`LearnableFact` per ``t(...)``; empty when the program has none.
+
+    Raises:
+        ProgramError: a ``t(...)`` that cannot be trained: not ``t(p)`` with p in [0, 1] or
+            ``t(_)``; in an annotated disjunction that also has fixed probabilities; in an
+            annotated disjunction with a body (``t(p)::a(X); t(q)::b(X) :- c(X).``).
+    """
+    facts: list[LearnableFact] = []
+    groups = 0
     for statement, line in _statements(program_text, source):
-        for head in _annotated_heads(statement):
-            p = head.probability
-            if isinstance(p, Term) and p.functor == "t":
-                lines.append(line)
-    return lines
+        found = _statement_facts(statement, line, source, len(facts), groups)
+        groups += any(f.group is not None for f in found)
+        facts.extend(found)
+    return facts
 
 
 def check_program(
@@ -180,7 +281,8 @@ def check_program(
     Raises:
         ProgramError: the program does not parse; an nn/4 names a network that is not
             registered; a registered network is used by no nn/4; a domain's size differs from
-            the network's K; the program has ``t(...)`` learnable probabilities.
+            the network's K; a ``t(...)`` learnable probability cannot be trained (see
+            :func:`learnable_facts`).
     """
     declarations = parse_neural_declarations(program_text, source)
     registered = sorted(networks)
@@ -205,12 +307,7 @@ def check_program(
                 f"networks are {sorted(used)}. Unregister it or add an nn({name}, [X], Y, [...]) "
                 f":: p(X, Y) statement"
             )
-    learnable = _learnable_probability_lines(program_text, source)
-    if learnable:
-        raise ProgramError(
-            f"{source}:{learnable[0]}: t(...) learnable probabilities are not trained by "
-            f"gedi_nesy; write fixed probabilities or a neural predicate instead"
-        )
+    learnable_facts(program_text, source)  # a t(...) that cannot be trained is an error here
     return declarations
 
 
