@@ -183,6 +183,9 @@ class OptimConfig:
     max_steps: int | None = None  # stop after this many steps (None: when the epochs end)
     batch_size: int = 32  # queries (joint training) or images (standalone GEDI) per step
     lr: float = 1.0e-3
+    # joint only: SGD rate of the program's t(...) probabilities (DeepProbLog's SGD param_lr;
+    # its noisy-addition example uses 1e-3); constant, 0 freezes them
+    param_lr: float = 1.0e-3
     weight_decay: float = 0.0
     grad_clip: float = 10.0  # max gradient norm; 0 disables clipping
     schedule: Literal["constant", "cosine"] = "constant"  # after the warm-up; cosine ends at 0.1
@@ -209,7 +212,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         counts = ("epochs", "max_steps", "batch_size", "threads", "log_every", "checkpoint_every")
-        others = ("weight_decay", "grad_clip", "warmup_steps", "eval_every", "patience",
+        others = ("param_lr", "weight_decay", "grad_clip", "warmup_steps", "eval_every", "patience",
                   "extra_images", "gedi_only_steps", "relabel_every")  # fmt: skip
         rules = dict.fromkeys(counts, ">= 1") | dict.fromkeys(others, ">= 0")
         check_section(self, "optim", **rules, lr="> 0", seed=SEED, relabel_min_share="in [0, 1]")
@@ -221,8 +224,8 @@ class OptimConfig:
 
 
 JOINT_ONLY = {
-    "optim": ("eval_every", "patience", "extra_images", "gedi_only_steps", "logic_view",
-              "relabel_every", "relabel_min_share"),
+    "optim": ("param_lr", "eval_every", "patience", "extra_images", "gedi_only_steps",
+              "logic_view", "relabel_every", "relabel_min_share"),
     "gedi": ("w_marginal_entropy",),
 }  # fmt: skip
 

@@ -1,5 +1,6 @@
 """Learnable ``t(...)`` probabilities: both engines against stock DeepProbLog's probabilities,
-gradients and SGD update, and the forms that are refused.
+gradients and SGD update, a few joint-trainer steps towards the generating value, checkpoints,
+and the forms that are refused.
 
 Every comparison builds DeepProbLog's own model (stock Network, GraphSemiring, ``set_engine``,
 its ``SGD`` optimiser) on the same program, in float64 (DeepProbLog reads ``t(i)`` in torch's
@@ -8,8 +9,10 @@ default dtype).
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,12 +24,24 @@ from deepproblog.optimizer import SGD
 from deepproblog.query import Query
 from problog.logic import Constant, Term
 
+from gedi_nesy.config import (
+    GediConfig,
+    JointConfig,
+    LogicConfig,
+    ModelConfig,
+    NesyRunConfig,
+    OptimConfig,
+)
 from gedi_nesy.errors import ProgramError
 from gedi_nesy.logic.chain import ColumnChainLogic
 from gedi_nesy.logic.compiled import CompiledLogic
 from gedi_nesy.logic.dpl import LogicModel
 from gedi_nesy.logic.params import ProjectedSGD, project_probabilities
 from gedi_nesy.logic.program import ProbabilityTable
+from gedi_nesy.task import TaskData
+from gedi_nesy.train.checkpoint import load_checkpoint
+from gedi_nesy.train.joint import JointTrainer
+from gedi_nesy.train.run import run_training
 
 NOISY = """nn(digit_net, [X], Y, [0, 1, 2]) :: digit(X, Y).
 t(0.3) :: noisy.
@@ -148,6 +163,68 @@ def test_random_starts_equal_deepproblog_and_compiling_draws_nothing(engine, tmp
     assert random.getstate() == state
 
 
+TOSS = """nn(digit_net, [X], Y, [0, 1]) :: bit(X, Y).
+t(0.5) :: heads.
+toss(X, h) :- bit(X, _), heads.
+toss(X, t) :- bit(X, _), \\+ heads.
+"""
+
+
+def toss_trainer(param_lr: float, tmp_path) -> tuple[JointTrainer, list[Query]]:
+    """A trainer on 10 tosses of image i, 8 heads and 2 tails (generated with P(heads) = 0.8)."""
+    logic = CompiledLogic(TOSS, {"digit_net": 2}, cache_dir=tmp_path)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    cfg = JointConfig(
+        gedi=GediConfig(w_gen=0.0, w_inv=0.0, w_prior=0.0),
+        optim=OptimConfig(lr=1e-3, param_lr=param_lr, device="cpu"),
+    )
+    images = torch.randn(10, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    trainer = JointTrainer(logic, {"digit_net": net}, {"img": images}, cfg)
+    sides = "hhhhthhhth"
+    queries = [Query(Term("toss", img(i), Term(side))) for i, side in enumerate(sides)]
+    return trainer, queries
+
+
+def test_joint_steps_move_the_parameter_to_the_generating_value(tmp_path):
+    trainer, queries = toss_trainer(0.05, tmp_path)
+    p, seen = 0.5, []
+    for _ in range(30):
+        values = trainer.train_step(queries)
+        assert values["t:heads"] == pytest.approx(p, abs=1e-6)  # the value the loss read
+        seen.append(values["t:heads"])
+        p = p + 0.05 * (0.8 / p - 0.2 / (1 - p))  # SGD on -(8 log p + 2 log(1 - p)) / 10
+    final = trainer.parameters.values()["heads"]
+    assert final == pytest.approx(p, abs=1e-5)
+    assert seen == sorted(seen) and abs(final - 0.8) < 0.01  # 0.5 -> 0.8, monotone
+
+
+def test_checkpoint_keeps_the_parameters_and_resume_continues_identically(tmp_path):
+    trainer, queries = toss_trainer(0.05, tmp_path / "a")
+    for _ in range(3):
+        trainer.train_step(queries)
+    torch.save(trainer.state_dict(), tmp_path / "checkpoint.pt")
+    resumed, _ = toss_trainer(0.05, tmp_path / "b")
+    assert resumed.parameters.values() == {"heads": 0.5}
+    resumed.load_state_dict(load_checkpoint(tmp_path / "checkpoint.pt"))  # weights_only read
+    assert resumed.parameters.values() == trainer.parameters.values() != {"heads": 0.5}
+    assert trainer.train_step(queries) == resumed.train_step(queries)
+    assert resumed.parameters.values() == trainer.parameters.values()
+    assert set(trainer.validated_modules()) == {"digit_net", "$t"}
+
+
+def test_programs_without_t_keep_their_trainer_state_and_engines_have_no_parameters(tmp_path):
+    text = TOSS.replace("t(0.5) :: heads.", "0.5 :: heads.")
+    logic = CompiledLogic(text, {"digit_net": 2}, cache_dir=tmp_path)
+    trainer = JointTrainer(logic, {"digit_net": torch.nn.Sequential(torch.nn.Flatten(),
+                                                                     torch.nn.Linear(4, 2))},
+                           {"img": torch.zeros(1, 1, 2, 2)},
+                           JointConfig(gedi=GediConfig(w_gen=0.0, w_inv=0.0, w_prior=0.0)),
+                           device="cpu")  # fmt: skip
+    assert logic.parameters is None and LogicModel(text, {"digit_net": 2}).parameters is None
+    assert "t" not in trainer.state_dict() and "$t" not in trainer.validated_modules()
+
+
 @pytest.mark.parametrize(
     "line, fragment",
     [
@@ -174,3 +251,44 @@ def test_column_chain_refuses_t(tmp_path):
     logic = CompiledLogic(text, {"digit_net": 10}, cache_dir=tmp_path)
     with pytest.raises(ProgramError, match=r"column_chain .* cannot train .* \['noisy'\]"):
         ColumnChainLogic(logic)
+
+
+def toss_run(tmp_path: Path, folder: str, resume: bool = False) -> dict:
+    """``run_training`` on 16 random images tossed as TOSS (4 steps of 4 queries, no MNIST)."""
+    program = tmp_path / "toss.pl"
+    program.write_text(TOSS)
+    images = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    queries = [Query(Term("toss", img(i), Term("t" if i % 5 == 4 else "h"))) for i in range(16)]
+    labels = torch.zeros(16, dtype=torch.long)  # (16,) concept labels, unused here
+    task = TaskData("toss", program, {"digit_net": 2}, {"img": images}, queries, queries[:4],
+                    queries[4:8], "img", labels)  # fmt: skip
+    cfg = NesyRunConfig(
+        name="toss", out_dir=str(tmp_path / folder), task={"name": "toss"},
+        model=ModelConfig(width=4), gedi=GediConfig(w_gen=0.0, w_inv=0.0, w_prior=0.0),
+        optim=OptimConfig(batch_size=4, param_lr=0.05, log_every=1, checkpoint_every=1,
+                          device="cpu"),
+        logic=LogicConfig(cache_dir=str(tmp_path / "circuits")),
+    )  # fmt: skip
+    return run_training(cfg, task, resume=resume, progress=False)
+
+
+def test_a_run_reports_the_probabilities_and_resume_restores_them(tmp_path, monkeypatch):
+    straight = toss_run(tmp_path, "straight")
+    learned = straight["learned_probabilities"]["heads"]
+    assert 0.5 < learned < 0.8  # 4 steps from 0.5 towards 13 heads in 16
+    real_step = JointTrainer.train_step
+
+    def crash_at_step_2(self, queries, extra=None):
+        if self.step == 2:  # the checkpoint of step 2 is on disk; die before step 3
+            raise KeyboardInterrupt
+        return real_step(self, queries, extra)
+
+    monkeypatch.setattr(JointTrainer, "train_step", crash_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        toss_run(tmp_path, "killed")
+    monkeypatch.setattr(JointTrainer, "train_step", real_step)
+    resumed = toss_run(tmp_path, "killed", resume=True)
+    assert resumed["learned_probabilities"] == straight["learned_probabilities"]
+    logs = [(tmp_path / f / "toss/log.jsonl").read_text() for f in ("straight", "killed")]
+    rows = [[json.loads(line)["t:heads"] for line in log.splitlines()] for log in logs]
+    assert rows[0] == rows[1] and len(rows[0]) == 4 and rows[0][0] == 0.5

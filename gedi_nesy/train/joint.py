@@ -12,7 +12,8 @@ trained (a warm-up of the GEDI terms alone). The extra terms L_e are the optiona
 config switches on, each its own function: :func:`marginal_entropy` (L_H,
 ``gedi.w_marginal_entropy``) and :func:`concept_supervision` (``supervision``). Each network's
 GEDI terms train on its own images only. One backward, one optimiser step per
-:meth:`JointTrainer.train_step`. Unprovable queries are counted and logged, never turned into a
+:meth:`JointTrainer.train_step` (and, for a program with ``t(...)`` probabilities, DeepProbLog's
+projected SGD step on them). Unprovable queries are counted and logged, never turned into a
 silent zero.
 """
 
@@ -32,6 +33,7 @@ from gedi_nesy.gedi.augment import augment as random_view
 from gedi_nesy.gedi.losses import GediLoss, active_parts, marginal_entropy_loss, weighted_total
 from gedi_nesy.gedi.nets import RelabelNet
 from gedi_nesy.gedi.objective import GediObjective
+from gedi_nesy.logic.params import PARAMETER_NETWORK, ProjectedSGD
 from gedi_nesy.logic.program import ProbabilityTable, tensor_keys
 from gedi_nesy.shortcuts.relabel import (
     Relabelling,
@@ -172,7 +174,11 @@ class JointTrainer:
     source with a pool (:func:`gedi_nesy.train.run.unlabelled_pools`).
 
     Args:
-        logic: the engine (a :class:`~gedi_nesy.logic.engine.LogicEngine`).
+        logic: the engine (a :class:`~gedi_nesy.logic.engine.LogicEngine`); the program's
+            ``t(...)`` probabilities (its ``parameters``, when it has them) are trained with the
+            logic loss as DeepProbLog's ``SGD`` trains them (``ProjectedSGD`` at
+            ``optim.param_lr``, after the networks' step), logged as ``t:NAME`` and kept in
+            :meth:`state_dict`.
         nets: network name -> module returning logits (B, K); with a GEDI weight > 0 each must
             be a :class:`~gedi_nesy.gedi.nets.ClusterNet` (a :class:`GEDINet`).
         sources: tensor-source name -> images (N, C, H, W); ``tensor(src(i))`` is
@@ -218,6 +224,11 @@ class JointTrainer:
         # draws the random views of optim.logic_view and supervision.augment
         self.view_generator = torch.Generator(device=self.device).manual_seed(cfg.optim.seed + 7)
         self.extra_losses = extra_losses(cfg, self.nets, labelled or {}, self.view, self.device)
+        # the program's t(...) probabilities, when the engine has them
+        self.parameters = getattr(logic, "parameters", None)
+        self.param_optimizer = None if self.parameters is None else ProjectedSGD(
+            self.parameters, cfg.optim.param_lr
+        )  # fmt: skip
         self.step = 0
         self.n_unprovable = 0  # training queries without a proof, summed over steps
 
@@ -323,6 +334,8 @@ class JointTrainer:
             values.update(logged)
         values["total"] = float(total.detach())
         values["unprovable"] = int((~provable).sum())
+        if self.parameters is not None:  # the values this step's loss read
+            values.update({f"t:{k}": v for k, v in self.parameters.values().items()})
         return total, values
 
     @_threaded
@@ -341,13 +354,24 @@ class JointTrainer:
         for net in self.nets.values():
             net.train()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.param_optimizer is not None:
+            self.param_optimizer.zero_grad()
         total, values = self.loss(queries, extra)
         check_finite(values, self.step)
         params = [p for net in self.nets.values() for p in net.parameters()]
         backward_step(self.optimizer, params, total, self.optim_cfg.grad_clip)
+        if self.param_optimizer is not None:
+            self.param_optimizer.step()
         self.step += 1
         self.n_unprovable += values["unprovable"]
         return values
+
+    def validated_modules(self) -> dict[str, nn.Module]:
+        """What validation keeps at its best score and restores at the end: the networks and,
+        when the program has them, the t(...) probabilities (under ``$t``)."""
+        if self.parameters is None:
+            return dict(self.nets)
+        return {**self.nets, PARAMETER_NETWORK: self.parameters}
 
     @torch.no_grad()
     @_threaded
@@ -436,7 +460,8 @@ class JointTrainer:
         return torch.cat(out)
 
     def state_dict(self) -> dict[str, Any]:
-        """The networks, the optimiser, the GEDI terms' samplers and generators, the counters."""
+        """The networks, the optimiser, the GEDI terms' samplers and generators, the counters,
+        and the program's t(...) probabilities with their optimiser (when it has them)."""
         return {
             "step": self.step,
             "n_unprovable": self.n_unprovable,
@@ -444,6 +469,8 @@ class JointTrainer:
             "optimizer": self.optimizer.state_dict(),
             "objectives": {name: o.state_dict() for name, o in self.objectives.items()},
             "view_generator": self.view_generator.get_state(),
+            # the t(...) probabilities; nothing without them (checkpoints keep their form)
+            **({} if self.param_optimizer is None else {"t": self.param_optimizer.state_dict()}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -456,3 +483,5 @@ class JointTrainer:
         for name, objective in self.objectives.items():
             objective.load_state_dict(state["objectives"][name])
         self.view_generator.set_state(state["view_generator"])
+        if self.param_optimizer is not None:
+            self.param_optimizer.load_state_dict(state["t"])

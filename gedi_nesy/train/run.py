@@ -216,7 +216,8 @@ def joint_parts(trainer: JointTrainer, task: TaskData, cfg: NesyRunConfig) -> Jo
     o = cfg.optim
     validation = Validation(
         score=lambda: trainer.task_accuracy(task.val) if task.val else float("nan"),
-        nets=trainer.nets, every=o.eval_every, patience=o.patience, name="val_task_acc",
+        nets=trainer.validated_modules(), every=o.eval_every, patience=o.patience,
+        name="val_task_acc",
     )  # fmt: skip
     hooks = [Relabeller(trainer, task.train, o)] if o.relabel_every > 0 else []
     return JointParts(joint_batches(trainer, task), validation, hooks)
@@ -334,5 +335,7 @@ def run_training(
         metrics.update(fit_joint(trainer, parts, cfg, run_dir, resume=resume, progress=progress))
         metrics.update(evaluate(trainer, task, run_dir))
     metrics["unprovable_train_queries"] = trainer.n_unprovable
+    if trainer.parameters is not None:  # the program's t(...) probabilities, as evaluated
+        metrics["learned_probabilities"] = trainer.parameters.values()
     atomic_write_json(run_dir / "metrics.json", metrics)
     return metrics
