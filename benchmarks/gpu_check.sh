@@ -5,7 +5,10 @@
 #      DeepProbLog engine's tables on the GPU), which are skipped on a CPU-only machine;
 #   2. queries per second of the whole joint step (full objective) on CUDA against the CPU,
 #      measured side by side in one process, for N = 1, 2, 4 and 15 digits
-#      (benchmarks/joint_speed.py; random images, no MNIST files needed).
+#      (benchmarks/joint_speed.py; random images, no MNIST files needed);
+#   3. KLay against our compiled engine on CUDA (benchmarks/klay_speed.py --device cuda), when the
+#      klaycircuits wheel is installed (PyPI has it for CPython 3.11 only: add
+#      klaycircuits==0.1.2 to the download below on a 3.11 machine); otherwise one line says so.
 #
 # Where deepproblog, problog and pysdd are not installed (a bare device image), put their wheels
 # for that machine's Python in .whl/ first, e.g. for CPython 3.12 on x86-64:
@@ -31,3 +34,8 @@ python3 benchmarks/joint_speed.py --devices cpu cuda --digits 1 2 4 --steps 5 --
     --cache-dir /tmp/gedi_circuits
 python3 benchmarks/joint_speed.py --devices cpu cuda --digits 15 --steps 2 --warmup 1 \
     --cache-dir /tmp/gedi_circuits
+if python3 -c "import klay" 2> /dev/null; then
+    python3 benchmarks/klay_speed.py --device cuda --repeats 7 --cache-dir /tmp/gedi_circuits
+else
+    echo "klay_speed.py skipped: KLay is not installed (pip install klaycircuits, CPython 3.11)"
+fi
