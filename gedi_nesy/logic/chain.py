@@ -14,9 +14,12 @@ exactly. :class:`ColumnChainLogic` evaluates the program's own ``column/5`` with
 :class:`~gedi_nesy.logic.compiled.CompiledLogic` once, as bilinear forms of the two images'
 tables (:mod:`gedi_nesy.logic.columns`), so a minibatch is a gather and one matrix product,
 and multiplies the 2 x 2 matrices for the whole minibatch at once, rescaled per column
-(:func:`chain_log_probs` for chains whose probability is below the dtype's range). The
+(:func:`chain_log_probs`, in log space, for chains whose probability is below the dtype's
+range; the trainer takes its loss from :meth:`ColumnChainLogic.query_log_probs`). The
 distribution over all sums comes from the same columns with the digit left open: a forward pass
-over (carry, partial sum) with 2 x base^N states per query (20,000 at N = 4).
+over (carry, partial sum) with 2 x base^N states per query (20,000 at N = 4), so
+``answer_probs`` is for small N only; the most probable sum (``best_answers``) never builds it
+(:func:`~gedi_nesy.logic.best_sum.best_sums`, exact for any N).
 
 The chain is an assumption about the program, so the engine checks it when it is built: on a
 few two-digit queries with fixed random tables, the chain must equal the program's own
