@@ -254,7 +254,10 @@ def test_long_chains_stay_in_range():
     (g_exact,) = torch.autograd.grad(slow_chain(leaf, last).log().sum(), leaf)
     assert torch.allclose(g, g_exact, rtol=1e-10)
     ones = torch.ones(1, 150, 2, 2)  # 2^149 carry paths: unscaled float32 overflows to inf
-    assert chain_log_probs(ones, torch.tensor([0])).item() == pytest.approx(149 * math.log(2))
+    # log space in float32: 149 roundings of a log-sum-exp, relative error ~1e-6
+    assert chain_log_probs(ones, torch.tensor([0])).item() == pytest.approx(
+        149 * math.log(2), rel=1e-5
+    )
 
 
 def test_a_long_query_in_float32(engines):
@@ -269,6 +272,68 @@ def test_a_long_query_in_float32(engines):
     wide = chain.query_probs(query, tables)
     assert small.provable.tolist() == [True] and wide.provable.tolist() == [True]
     assert 0 < wide.probs.item() < 1e-100 and small.probs.item() == 0.0  # below float32's range
+
+
+def test_log_probability_of_a_120_column_chain_below_1e_300(engines):
+    # every image: digit 0 (0.002), else spread; the sum 0 needs all 240 digits 0 with no
+    # carry (a carry out of a column could never be taken back), so
+    # log P = 240 log 0.002 = -1491.5 (P ~ 1e-648, below even float64's 5e-324); the dead-end
+    # carry-1 paths are 1e4 times likelier per column, so one scale for both carries would lose
+    # carry 0 (chain_log_probs keeps one log-value per carry)
+    chain, _ = engines
+    n = 120
+    probs = torch.full((2 * n, 10), 0.998 / 9).index_fill_(1, torch.tensor([0]), 0.002)
+    probs = probs.float().requires_grad_()  # (240, 10) float32, as the trainer's tables
+    tables = {"digit_net": ProbabilityTable([img(i) for i in range(2 * n)], probs)}
+    query = [add(list(range(n)), list(range(n, 2 * n)), 0)]
+    logs = chain.query_log_probs(query, tables)
+    assert logs.provable.tolist() == [True]
+    assert logs.log_probs.item() == pytest.approx(2 * n * math.log(0.002), rel=1e-6)
+    assert chain.query_probs(query, tables).probs.item() == 0.0  # the probability underflows
+    (grad,) = torch.autograd.grad(logs.log_probs.sum(), probs)
+    assert torch.isfinite(grad).all()
+    assert torch.allclose(grad[:, 0], torch.full((2 * n,), 500.0), rtol=1e-5)  # 1 / 0.002
+    assert grad[:, 1:].abs().max().item() < 1e-3  # P reads only the digit-0 entries
+
+
+def test_log_probabilities_of_long_random_chains_match_float64(engines):
+    chain, _ = engines
+    n = 120
+    probs, tables = dense_table(2 * n, seed=4)  # (240, 10) float64
+    small = {"digit_net": ProbabilityTable(tables["digit_net"].keys, probs.detach().float())}
+    sums = [10**n + 12345, 3 * 10 ** (n - 1) + 7, 2 * 10**n - 2, 2 * 10**n]  # last: too large
+    queries = [add(list(range(n)), list(range(n, 2 * n)), s) for s in sums]
+    wide, narrow = chain.query_log_probs(queries, tables), chain.query_log_probs(queries, small)
+    assert wide.provable.tolist() == narrow.provable.tolist() == [True, True, True, False]
+    assert wide.log_probs[:3].max() < math.log(1e-100)
+    assert torch.allclose(narrow.log_probs[:3].double(), wide.log_probs[:3], rtol=1e-5)
+    assert wide.log_probs[3].item() == narrow.log_probs[3].item() == -math.inf
+    (grad,) = torch.autograd.grad(wide.log_probs[:3].sum(), probs)
+    assert torch.isfinite(grad).all() and grad.abs().max() > 0
+
+
+def test_best_answers_of_long_numbers(engines):
+    # 0.9 on each image's digit: the most probable sum is the true sum, at N = 15 and 100
+    chain, _ = engines
+    gen = torch.Generator().manual_seed(0)
+    for n in (15, 100):
+        digits = torch.randint(0, 10, (2, n), generator=gen)  # most significant first
+        probs = torch.full((2 * n, 10), 0.1 / 9, dtype=torch.float64)
+        probs.scatter_(1, digits.view(-1, 1), 0.9)  # (2N, 10)
+        tables = {"digit_net": ProbabilityTable([img(i) for i in range(2 * n)], probs)}
+        truth = sum(int("".join(map(str, row.tolist()))) for row in digits)
+        query = add(list(range(n)), list(range(n, 2 * n)), "S")
+        assert chain.best_answers([query], tables) == [Constant(truth)]
+
+
+def test_best_answer_where_every_sum_has_probability_zero(engines):
+    # image 3 is 7 (1.0) but its row is zeroed: P = 0 for every sum; a provable sum is still
+    # named (as the all-sums evaluation did), and None where nothing is provable
+    chain, _ = engines
+    probs = torch.zeros(4, 10, dtype=torch.float64)
+    tables = {"digit_net": ProbabilityTable([img(i) for i in range(4)], probs)}
+    (best,) = chain.best_answers([add([0, 1], [2, 3], "S")], tables)
+    assert isinstance(best, Constant) and 0 <= int(best.value) <= 198
 
 
 def test_referenced_keys_follow_the_column_circuits(engines):

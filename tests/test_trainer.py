@@ -4,6 +4,7 @@ unprovable-query counting, and a joint run that resumes to the same result."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -31,8 +32,10 @@ from gedi_nesy.gedi.augment import augment as random_view
 from gedi_nesy.gedi.nets import GEDINet
 from gedi_nesy.logic.compiled import CompiledLogic
 from gedi_nesy.logic.dpl import LogicModel
-from gedi_nesy.logic.program import tensor_keys
+from gedi_nesy.logic.engine import LogProbEngine
+from gedi_nesy.logic.program import QueryLogProbs, tensor_keys
 from gedi_nesy.train.joint import JointTrainer, logic_loss
+from gedi_nesy.train.terms import log_logic_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 ADDITION = ROOT / "programs/addition.pl"
@@ -116,6 +119,71 @@ def test_logic_loss_counts_unprovable_and_keeps_them_out_of_the_mean():
     images = torch.rand(8, 1, 28, 28) * 2 - 1
     _, values = _trainer(_small_net(), images, OFF).loss(_queries([(0, 1, 3), (2, 3, 19)]))
     assert values["unprovable"] == 1  # no two digits sum to 19
+
+
+def test_log_logic_loss_has_no_eps_and_no_nan():
+    log_probs = torch.tensor([math.log(0.5), -math.inf, -3000.0, -math.inf], dtype=torch.float64)
+    log_probs.requires_grad_()
+    provable = torch.tensor([True, False, True, True])  # the last: provable, P = 0
+    # (-log 0.5 + 3000 - log 1e-12) / 3: P = 0 counts as DeepProbLog's eps would
+    expected = (math.log(2) + 3000.0 - math.log(1e-12)) / 3
+    loss = log_logic_loss(log_probs, provable)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    (grad,) = torch.autograd.grad(loss, log_probs)
+    assert grad.tolist() == pytest.approx([-1 / 3, 0.0, -1 / 3, 0.0])
+    assert log_logic_loss(log_probs, torch.zeros(4, dtype=torch.bool)).item() == 0.0
+    # equal to logic_loss up to its eps where P is far above 1e-12
+    probs = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    both = torch.tensor([True, True])
+    assert log_logic_loss(probs.log(), both).item() == pytest.approx(
+        logic_loss(probs, both).item(), rel=1e-10
+    )
+
+
+class _LogCompiled(CompiledLogic):
+    """A compiled engine that also gives log-probabilities (a LogProbEngine), and counts calls."""
+
+    calls = 0
+
+    def query_log_probs(self, queries, tables):
+        _LogCompiled.calls += 1
+        probs, provable = self.query_probs(queries, tables)
+        return QueryLogProbs(probs.log(), provable)
+
+
+def test_the_trainer_takes_log_probabilities_when_the_engine_gives_them(tmp_path):
+    images = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    queries = _queries(QUERIES)
+    plain = CompiledLogic(ADDITION, {"digit_net": 10}, cache_dir=tmp_path)
+    logs = _LogCompiled(ADDITION, {"digit_net": 10}, cache_dir=tmp_path)
+    assert isinstance(logs, LogProbEngine) and not isinstance(plain, LogProbEngine)
+    _, eps_values = _trainer(_small_net(), images, OFF, plain).loss(queries)
+    _, log_values = _trainer(_small_net(), images, OFF, logs).loss(queries)
+    assert _LogCompiled.calls == 1
+    # the same loss up to DeepProbLog's eps: log(P + 1e-12) - log P = 1e-12 / P, and the
+    # untrained network gives 18 = 9 + 9 a probability near 1e-8
+    assert log_values["logic"] == pytest.approx(eps_values["logic"], rel=1e-5)
+    assert log_values["logic"] != eps_values["logic"]
+
+
+def test_most_probable_sum_and_sum_of_argmax_digits_differ():
+    # both images: digit 0 (0.4), 1 (0.3), 2 (0.3). Sum of the argmax digits: 0 (p = 0.16); the
+    # most probable sum: 2 (0.3 * 0.3 + 2 * 0.4 * 0.3 = 0.33), above 1 (0.24), 3 (0.18), 4 (0.09)
+    row = torch.tensor([0.4, 0.3, 0.3] + [0.0] * 7)
+
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(()))  # something for the optimiser
+
+        def forward(self, x):
+            return row.clamp_min(1e-30).log().expand(len(x), 10)  # (B, 10): softmax = row
+
+    trainer = _trainer(Fixed(), torch.zeros(2, 1, 28, 28), OFF)
+    map_right, argmax_right = _queries([(0, 1, 2)]), _queries([(0, 1, 0)])
+    assert trainer.task_accuracy(map_right) == 1.0 and trainer.task_accuracy(argmax_right) == 0.0
+    assert trainer.argmax_task_accuracy(map_right) == 0.0
+    assert trainer.argmax_task_accuracy(argmax_right) == 1.0
 
 
 def test_tensor_keys_are_distinct_in_first_seen_order():

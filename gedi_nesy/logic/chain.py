@@ -14,9 +14,12 @@ exactly. :class:`ColumnChainLogic` evaluates the program's own ``column/5`` with
 :class:`~gedi_nesy.logic.compiled.CompiledLogic` once, as bilinear forms of the two images'
 tables (:mod:`gedi_nesy.logic.columns`), so a minibatch is a gather and one matrix product,
 and multiplies the 2 x 2 matrices for the whole minibatch at once, rescaled per column
-(:func:`chain_log_probs` for chains whose probability is below the dtype's range). The
+(:func:`chain_log_probs`, in log space, for chains whose probability is below the dtype's
+range; the trainer takes its loss from :meth:`ColumnChainLogic.query_log_probs`). The
 distribution over all sums comes from the same columns with the digit left open: a forward pass
-over (carry, partial sum) with 2 x base^N states per query (20,000 at N = 4).
+over (carry, partial sum) with 2 x base^N states per query (20,000 at N = 4), so
+``answer_probs`` is for small N only; the most probable sum (``best_answers``) never builds it
+(:func:`~gedi_nesy.logic.best_sum.best_sums`, exact for any N).
 
 The chain is an assumption about the program, so the engine checks it when it is built: on a
 few two-digit queries with fixed random tables, the chain must equal the program's own
@@ -35,6 +38,7 @@ from deepproblog.query import Query
 from problog.logic import Constant, Term, list2term, term2list
 
 from gedi_nesy.errors import DataError, ProgramError
+from gedi_nesy.logic.best_sum import best_sums
 from gedi_nesy.logic.columns import (
     build_column_tensors,
     column_cells,
@@ -42,11 +46,19 @@ from gedi_nesy.logic.columns import (
     column_provable,
 )
 from gedi_nesy.logic.compiled import CompiledLogic
-from gedi_nesy.logic.program import ProbabilityTable, QueryProbs, answer_columns, query_term
+from gedi_nesy.logic.program import (
+    ProbabilityTable,
+    QueryLogProbs,
+    QueryProbs,
+    answer_columns,
+    query_term,
+)
 
-__all__ = ["ColumnChainLogic", "chain_log_probs", "chain_probs", "sum_distribution"]
+__all__ = ["ColumnChainLogic", "chain_log_probs", "chain_probs", "reachable", "sum_distribution"]
 
 CHECK_SUMS = (7, 109, 190)  # two-digit sums of the build-time check: no carry, both carries
+LOG_ZERO = -1e30  # log 0 of chain_log_probs: N of them stay finite in float32 (N < 1e8), and any
+# path through one stays below LOG_ZERO / 2, far from every log-probability a chain can have
 
 
 def _scaled_chain(
@@ -75,6 +87,24 @@ def _scaled_chain(
     return state.gather(1, last_carry.view(-1, 1)).squeeze(1), exponent  # (Q,), (Q,)
 
 
+def reachable(proofs: torch.Tensor, last_carry: torch.Tensor) -> torch.Tensor:
+    """Whether a carry path from carry 0 to ``last_carry`` has a nonzero cell in every column.
+
+    Args:
+        proofs: ``M_j[c, c']`` per query and column, non-negative (1 where provable), (Q, N, 2, 2).
+        last_carry: the carry out of the last column, (Q,), int in {0, 1}.
+
+    Returns:
+        (Q,) bool; exact for any N (the state is kept 0 or 1, never a count that could overflow
+        or fall out of range).
+    """
+    state = proofs[:, 0, 0, :] > 0  # (Q, 2): carries reachable after column 0
+    for j in range(1, proofs.shape[1]):
+        step = torch.einsum("qc,qcd->qd", state.to(proofs.dtype), proofs[:, j])  # (Q, 2)
+        state = step > 0  # (Q, 2)
+    return state.gather(1, last_carry.view(-1, 1)).squeeze(1)  # (Q,)
+
+
 def chain_probs(columns: torch.Tensor, last_carry: torch.Tensor) -> torch.Tensor:
     """``e_0^T M_0 ... M_{N-1} e_c`` for a batch of carry chains.
 
@@ -94,8 +124,14 @@ def chain_probs(columns: torch.Tensor, last_carry: torch.Tensor) -> torch.Tensor
 
 
 def chain_log_probs(columns: torch.Tensor, last_carry: torch.Tensor) -> torch.Tensor:
-    """``log(e_0^T M_0 ... M_{N-1} e_c)``, finite for chains whose probability is far below
-    the dtype's range (N = 100+ digits in float32); ``-inf`` where the probability is 0.
+    """``log(e_0^T M_0 ... M_{N-1} e_c)`` in log space, finite for chains whose probability is
+    far below the dtype's range (N = 100+ digits in float32); ``-inf`` where the probability is 0
+    (with a zero gradient there, not NaN).
+
+    Each carry keeps its own log-value: ``l_{j}[c'] = logsumexp_c (l_{j-1}[c] + log M_j[c, c'])``,
+    so one carry's value far below the other's (a carry path that dies out) is not lost, as it
+    is under the shared scale of :func:`chain_probs`. A zero entry of M is ``LOG_ZERO``, a
+    finite stand-in for ``log 0`` that keeps every gradient finite.
 
     Args:
         columns: as for :func:`chain_probs`, (Q, N, 2, 2).
@@ -104,8 +140,14 @@ def chain_log_probs(columns: torch.Tensor, last_carry: torch.Tensor) -> torch.Te
     Returns:
         The chain log-probabilities, (Q,).
     """
-    value, exponent = _scaled_chain(columns, last_carry)  # (Q,), (Q,)
-    return value.log() + exponent.to(value.dtype) * math.log(2.0)  # (Q,)
+    positive = columns > 0  # (Q, N, 2, 2)
+    logs = torch.where(positive, columns, torch.ones_like(columns)).log()  # (Q, N, 2, 2)
+    logs = torch.where(positive, logs, torch.full_like(logs, LOG_ZERO))  # log M_j[c, c']
+    state = logs[:, 0, 0, :]  # (Q, 2): log e_0^T M_0
+    for j in range(1, columns.shape[1]):
+        state = torch.logsumexp(state.unsqueeze(2) + logs[:, j], dim=1)  # (Q, 2): log v M_j
+    out = state.gather(1, last_carry.view(-1, 1)).squeeze(1)  # (Q,)
+    return torch.where(out > LOG_ZERO / 2, out, torch.full_like(out, -math.inf))  # (Q,)
 
 
 def sum_distribution(cells: torch.Tensor) -> torch.Tensor:
@@ -264,22 +306,16 @@ class ColumnChainLogic:
             )
         return row
 
-    def query_probs(
+    def _chain_inputs(
         self, queries: Sequence[Query | Term], tables: Mapping[str, ProbabilityTable]
-    ) -> QueryProbs:
-        """Probability of each ground ``add(As, Bs, S)``, differentiable w.r.t. the tables.
-
-        Queries of one call must have the same number of digits N. A sum outside
-        ``0 .. 2 * base^N - 1`` is unprovable (probability 0, ``provable = False``), as in the
-        program.
-
-        Returns:
-            ``QueryProbs(probs (Q,), provable (Q,))``.
-        """
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The chain of every ground query: ``M_j`` at the sum's digits (Q, N, 2, 2), which of
+        their cells are provable (Q, N, 2, 2), the last carry (Q,) and whether the sum is in
+        ``0 .. 2 * base^N - 1`` (Q,); None for no queries."""
         parsed = [self._parse(q, open_output=False) for q in queries]
         n = self._digits(parsed)
         if not parsed:
-            return QueryProbs(torch.zeros(0), torch.zeros(0, dtype=torch.bool))
+            return None
         cells, known = self._cells(parsed, tables)  # (Q, N, 2, base, 2) each
         base, device = self.base, cells.device
         digits = torch.tensor(
@@ -290,10 +326,49 @@ class ColumnChainLogic:
         proofs = known.gather(3, at).squeeze(3)  # (Q, N, c, c'): 1 where the cell is provable
         last = torch.tensor([min(max(s // base**n, 0), 1) for _, _, s in parsed], device=device)
         in_range = torch.tensor([0 <= s < 2 * base**n for _, _, s in parsed], device=device)
-        p = chain_probs(matrices, last) * in_range.to(cells.dtype)  # (Q,)
-        paths, _ = _scaled_chain(proofs, last)  # (Q,): provable carry paths, rescaled
-        proof = (paths > 0) & in_range  # (Q,): some carry path fully provable
-        return QueryProbs(p, proof.cpu())
+        return matrices, proofs, last, in_range
+
+    @staticmethod
+    def _provable(proofs: torch.Tensor, last: torch.Tensor, in_range: torch.Tensor) -> torch.Tensor:
+        """Whether some carry path is provable in every column, (Q,) on the CPU."""
+        return (reachable(proofs, last) & in_range).cpu()  # (Q,)
+
+    def query_probs(
+        self, queries: Sequence[Query | Term], tables: Mapping[str, ProbabilityTable]
+    ) -> QueryProbs:
+        """Probability of each ground ``add(As, Bs, S)``, differentiable w.r.t. the tables.
+
+        Queries of one call must have the same number of digits N. A sum outside
+        ``0 .. 2 * base^N - 1`` is unprovable (probability 0, ``provable = False``), as in the
+        program. A long chain's probability may be below the dtype's range (0); use
+        :meth:`query_log_probs` then.
+
+        Returns:
+            ``QueryProbs(probs (Q,), provable (Q,))``.
+        """
+        inputs = self._chain_inputs(queries, tables)
+        if inputs is None:
+            return QueryProbs(torch.zeros(0), torch.zeros(0, dtype=torch.bool))
+        matrices, proofs, last, in_range = inputs  # (Q, N, 2, 2) x 2, (Q,), (Q,)
+        p = chain_probs(matrices, last) * in_range.to(matrices.dtype)  # (Q,)
+        return QueryProbs(p, self._provable(proofs, last, in_range))
+
+    def query_log_probs(
+        self, queries: Sequence[Query | Term], tables: Mapping[str, ProbabilityTable]
+    ) -> QueryLogProbs:
+        """``log P`` of each ground ``add(As, Bs, S)``, finite however long the chain (unless
+        P is 0: ``-inf``, with a zero gradient), differentiable w.r.t. the tables.
+
+        Returns:
+            ``QueryLogProbs(log_probs (Q,), provable (Q,))``; as :meth:`query_probs` otherwise.
+        """
+        inputs = self._chain_inputs(queries, tables)
+        if inputs is None:
+            return QueryLogProbs(torch.zeros(0), torch.zeros(0, dtype=torch.bool))
+        matrices, proofs, last, in_range = inputs  # (Q, N, 2, 2) x 2, (Q,), (Q,)
+        logs = chain_log_probs(matrices, last)  # (Q,)
+        logs = torch.where(in_range, logs, torch.full_like(logs, -math.inf))  # (Q,)
+        return QueryLogProbs(logs, self._provable(proofs, last, in_range))
 
     def _digits(self, parsed: Sequence[tuple[list, list, Any]]) -> int:
         sizes = {len(a) for a, _, _ in parsed}
@@ -344,13 +419,22 @@ class ColumnChainLogic:
     def best_answers(
         self, queries: Sequence[Query | Term], tables: Mapping[str, ProbabilityTable]
     ) -> list[Term | None]:
-        """The most probable sum of each query (the smallest on a tie; None if none provable)."""
+        """The most probable sum of each query, exact for any N (:func:`best_sums`: prefixes
+        pruned to the upper-right hull, never the 2 * base^N sums); where every sum has
+        probability 0, a provable sum (None if none is)."""
         if not queries:
             return []
-        dist, proof = self._distributions(queries, tables)
-        masked = torch.where(proof, dist, torch.full_like(dist, -1.0))
-        best = masked.argmax(1).tolist()  # first maximum: the smallest sum
-        return [Constant(s) if bool(proof[q].any()) else None for q, s in enumerate(best)]
+        parsed = [self._parse(q, open_output=True) for q in queries]
+        self._digits(parsed)
+        cells, known = self._cells(parsed, tables)  # (Q, N, 2, base, 2) each
+        best = best_sums(cells)
+        answers: list[Term | None] = [Constant(s) for s in best.sums]
+        zero = torch.isinf(best.log_probs).nonzero().flatten().tolist()  # P = 0 for every sum
+        if zero:
+            proved = best_sums(known[zero])  # the sum with the most provable carry paths
+            for q, s, lp in zip(zero, proved.sums, proved.log_probs.tolist()):
+                answers[q] = Constant(s) if lp > -math.inf else None
+        return answers
 
     def referenced_keys(self, queries: Sequence[Query | Term]) -> dict[str, list[Term]]:
         """The inputs each network is asked about: those the column circuits of every cell of

@@ -11,7 +11,9 @@ the inputs the queries name). Three engines keep the contract:
   exact chain of compiled column circuits.
 
 The trainer, the audit and the relabelling see an engine only through :class:`LogicEngine`, so a
-fourth engine needs nothing else.
+fourth engine needs nothing else. An engine that can also give log-probabilities directly (the
+column chain, whose long chains fall below float range) keeps :class:`LogProbEngine` too, and the
+trainer then takes its logic loss in log space.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from gedi_nesy.logic.chain import ColumnChainLogic
 from gedi_nesy.logic.compiled import CompiledLogic
 from gedi_nesy.logic.dpl import LogicModel
-from gedi_nesy.logic.program import ProbabilityTable, QueryProbs
+from gedi_nesy.logic.program import ProbabilityTable, QueryLogProbs, QueryProbs
 
 if TYPE_CHECKING:
     from deepproblog.query import Query
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
 
     from gedi_nesy.config import LogicConfig
 
-__all__ = ["LogicEngine", "build_logic"]
+__all__ = ["LogProbEngine", "LogicEngine", "build_logic"]
 
 
 @runtime_checkable
@@ -75,6 +77,20 @@ class LogicEngine(Protocol):
 
     def referenced_keys(self, queries: Sequence[Query]) -> dict[str, list[Term]]:
         """Network name -> the distinct input terms the queries ask it about."""
+        ...
+
+
+@runtime_checkable
+class LogProbEngine(LogicEngine, Protocol):
+    """An engine that also gives ``log P(query)`` directly, finite where P is below the dtype's
+    range (long chains); the trainer takes the logic loss from it when an engine has it
+    (:class:`~gedi_nesy.logic.chain.ColumnChainLogic` does)."""
+
+    def query_log_probs(
+        self, queries: Sequence[Query], tables: Mapping[str, ProbabilityTable]
+    ) -> QueryLogProbs:
+        """log P(query) of ground queries, (Q,), differentiable w.r.t. the tables; ``-inf``
+        where P is 0; ``provable`` (Q,) as in :meth:`LogicEngine.query_probs`."""
         ...
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from deepproblog.query import Query
 from problog.errors import ParseError, ProbLogError
 from problog.logic import Clause, Constant, Or, Term, Var, is_list, term2list
@@ -25,6 +26,8 @@ __all__ = [
     "LearnableFact",
     "NeuralDeclaration",
     "ProbabilityTable",
+    "QueryLogProbs",
+    "argmax_tables",
     "QueryProbs",
     "answer_columns",
     "check_program",
@@ -339,6 +342,25 @@ class ProbabilityTable:
         object.__setattr__(self, "index", index)
 
 
+def argmax_tables(tables: Mapping[str, ProbabilityTable]) -> dict[str, ProbabilityTable]:
+    """Each table with its rows made one-hot at their most probable value (the first on a tie):
+    a deterministic program then answers what the argmax concepts imply.
+
+    Args:
+        tables: network name -> table, probs (n, K).
+
+    Returns:
+        Network name -> a table with the same keys and one-hot rows (n, K), same dtype and device.
+    """
+    return {
+        name: ProbabilityTable(
+            table.keys,
+            F.one_hot(table.probs.argmax(-1), table.probs.shape[-1]).to(table.probs.dtype),
+        )  # (n, K)
+        for name, table in tables.items()
+    }
+
+
 class QueryProbs(NamedTuple):
     """Probabilities of a batch of queries.
 
@@ -353,6 +375,19 @@ class QueryProbs(NamedTuple):
     @property
     def n_unprovable(self) -> int:
         return int((~self.provable).sum())
+
+
+class QueryLogProbs(NamedTuple):
+    """Log-probabilities of a batch of queries, for chains whose probability is below the
+    dtype's range.
+
+    Attributes:
+        log_probs: log P(query), shape (Q,); ``-inf`` where P is 0 (unprovable queries included).
+        provable: whether each query has at least one proof, shape (Q,), bool.
+    """
+
+    log_probs: torch.Tensor
+    provable: torch.Tensor
 
 
 def program_text(program: str | os.PathLike[str]) -> tuple[str, str]:

@@ -7,10 +7,11 @@ the probability rows to the logic engine as lookup tables, and minimise
     L = L_logic + sum_extra w_e L_e + sum_nets (w_gen L_GEN + w_inv L_INV + w_prior L_PRIOR ...)
 
 with L_logic = mean over provable queries of -log P(query) (as DeepProbLog's own cross-entropy,
-eps = 1e-12); during the first ``optim.gedi_only_steps`` steps L_logic is logged but not
-trained (a warm-up of the GEDI terms alone). The extra terms L_e are the optional baselines the
-config switches on, each its own function: :func:`marginal_entropy` (L_H,
-``gedi.w_marginal_entropy``) and :func:`concept_supervision` (``supervision``). Each network's
+eps = 1e-12; in log space and without eps when the engine gives log-probabilities, as the column
+chain does for chains far below 1e-12); during the first ``optim.gedi_only_steps`` steps L_logic
+is logged but not trained (a warm-up of the GEDI terms alone). The extra terms L_e are the
+optional baselines the config switches on (:mod:`gedi_nesy.train.terms`: L_H,
+``gedi.w_marginal_entropy``, and concept supervision, ``supervision``). Each network's
 GEDI terms train on its own images only. One backward, one optimiser step per
 :meth:`JointTrainer.train_step` (and, for a program with ``t(...)`` probabilities, DeepProbLog's
 projected SGD step on them). Unprovable queries are counted and logged, never turned into a
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -30,11 +31,12 @@ import torch.nn.functional as F
 from gedi_nesy.config import JointConfig
 from gedi_nesy.errors import ConfigError
 from gedi_nesy.gedi.augment import augment as random_view
-from gedi_nesy.gedi.losses import GediLoss, active_parts, marginal_entropy_loss, weighted_total
+from gedi_nesy.gedi.losses import GediLoss, active_parts, weighted_total
 from gedi_nesy.gedi.nets import RelabelNet
 from gedi_nesy.gedi.objective import GediObjective
+from gedi_nesy.logic.engine import LogicEngine, LogProbEngine
 from gedi_nesy.logic.params import PARAMETER_NETWORK, ProjectedSGD
-from gedi_nesy.logic.program import ProbabilityTable, tensor_keys
+from gedi_nesy.logic.program import ProbabilityTable, argmax_tables, tensor_keys
 from gedi_nesy.shortcuts.relabel import (
     Relabelling,
     find_relabelling,
@@ -42,111 +44,13 @@ from gedi_nesy.shortcuts.relabel import (
 )
 from gedi_nesy.train.loop import backward_step, check_finite
 from gedi_nesy.train.runtime import pick_device, torch_threads
+from gedi_nesy.train.terms import extra_losses, log_logic_loss, logic_loss
+
+__all__ = ["JointTrainer", "logic_loss"]
 
 if TYPE_CHECKING:
     from deepproblog.query import Query
     from problog.logic import Term
-
-    from gedi_nesy.logic.engine import LogicEngine
-
-LOGIC_EPS = 1e-12  # DeepProbLog's cross_entropy adds this inside the log
-Logits = Mapping[str, torch.Tensor]  # network name -> (n, K) logits of the batch's images
-
-
-def logic_loss(probs: torch.Tensor, provable: torch.Tensor) -> torch.Tensor:
-    """``mean_q -log(P(q) + eps)`` over provable queries (DeepProbLog's cross-entropy, target 1).
-
-    Args:
-        probs: query probabilities, shape (Q,).
-        provable: which queries have at least one proof, shape (Q,), bool.
-
-    Returns:
-        A scalar; 0 (with no gradient path) when no query is provable: the caller logs the count.
-    """
-    provable = provable.to(probs.device)
-    if not provable.any():
-        return probs.new_zeros(())
-    return -torch.log(probs[provable] + LOGIC_EPS).mean()  # (Q',) -> ()
-
-
-def marginal_entropy(logits: Logits) -> torch.Tensor:
-    """L_H, the marginal-entropy baseline of the shortcut literature: ``1 - H(mean_i p(y|x_i)) /
-    log K`` of each network on the images the logic sees, summed over networks.
-
-    Args:
-        logits: network name -> (n, K) logits of the step's images.
-    """
-    return sum(marginal_entropy_loss(z) for z in logits.values())
-
-
-def concept_supervision(
-    net: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    view: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> Callable[[Logits], torch.Tensor]:
-    """The concept-supervision baseline: a term giving the cross-entropy of ``net`` on a few
-    labelled images.
-
-    Args:
-        net: the network the labels are concepts of.
-        images: labelled images (m, C, H, W), on the network's device.
-        labels: their concepts (m,), on the same device.
-        view: draws a fresh random view of the images per call; None: the images themselves.
-
-    Returns:
-        A term: ``term(logits) -> scalar`` (the batch logits are not used).
-    """
-
-    def term(_: Logits) -> torch.Tensor:
-        x = images if view is None else view(images)  # (m, C, H, W)
-        return F.cross_entropy(net(x), labels)  # (m, K) -> ()
-
-    return term
-
-
-class ExtraLoss(NamedTuple):
-    """An optional term of the joint loss: ``weight * fn(logits)``, logged as ``name``."""
-
-    name: str
-    weight: float
-    fn: Callable[[Logits], torch.Tensor]
-
-
-def extra_losses(
-    cfg: JointConfig,
-    nets: Mapping[str, nn.Module],
-    labelled: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-    view: Callable[[torch.Tensor], torch.Tensor],
-    device: torch.device,
-) -> list[ExtraLoss]:
-    """The extra terms the config switches on, in the order the loss adds them: L_H
-    (``gedi.w_marginal_entropy`` > 0), then concept supervision of each labelled network
-    (``supervision.weight``; on a fresh random view per step with ``supervision.augment``).
-
-    Args:
-        cfg: the joint config.
-        nets: the trainer's networks.
-        labelled: network name -> (images (m, C, H, W), concepts (m,)); may be empty.
-        view: draws a random view of images (the trainer's view generator).
-        device: where the networks run.
-
-    Raises:
-        ConfigError: ``labelled`` names a network the trainer does not have.
-    """
-    terms = []
-    if cfg.gedi.w_marginal_entropy != 0.0:
-        terms.append(ExtraLoss("marginal_entropy", cfg.gedi.w_marginal_entropy, marginal_entropy))
-    for name, (x, y) in labelled.items():
-        if name not in nets:
-            raise ConfigError(
-                f"labelled images name network {name!r}; the trainer has {sorted(nets)}"
-            )
-        term = concept_supervision(nets[name], x.to(device), y.to(device),
-                                   view if cfg.supervision.augment else None)  # fmt: skip
-        key = "concept_ce" if len(nets) == 1 else f"{name}.concept_ce"
-        terms.append(ExtraLoss(key, cfg.supervision.weight, term))
-    return terms
 
 
 def _threaded(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -319,8 +223,7 @@ class JointTrainer:
         if self.optim_cfg.logic_view == "augmented":
             seen = {name: self.view(x) for name, x in images.items()}  # name -> (n, C, H, W)
         tables, logits = self.forward_tables(routes, seen)
-        probs, provable = self.logic.query_probs(queries, tables)  # (Q,), (Q,)
-        l_logic = logic_loss(probs, provable)
+        l_logic, provable = self.logic_loss(queries, tables)
         values: dict[str, float] = {"logic": float(l_logic.detach())}
         logic_on = self.step >= self.optim_cfg.gedi_only_steps
         total = l_logic.to(self.device) if logic_on else l_logic.new_zeros((), device=self.device)
@@ -337,6 +240,18 @@ class JointTrainer:
         if self.parameters is not None:  # the values this step's loss read
             values.update({f"t:{k}": v for k, v in self.parameters.values().items()})
         return total, values
+
+    def logic_loss(
+        self, queries: Sequence[Query], tables: Mapping[str, ProbabilityTable]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """L_logic and which queries are provable (Q,): in log space (:func:`log_logic_loss`)
+        when the engine gives log-probabilities (a :class:`LogProbEngine`), else
+        :func:`logic_loss` of its probabilities."""
+        if isinstance(self.logic, LogProbEngine):
+            log_probs, provable = self.logic.query_log_probs(queries, tables)  # (Q,), (Q,)
+            return log_logic_loss(log_probs, provable), provable
+        probs, provable = self.logic.query_probs(queries, tables)  # (Q,), (Q,)
+        return logic_loss(probs, provable), provable
 
     @_threaded
     def train_step(
@@ -375,8 +290,19 @@ class JointTrainer:
 
     @torch.no_grad()
     @_threaded
-    def predict_answers(self, queries: Sequence[Query]) -> list[Term | None]:
-        """The most probable answer of each query's output argument (None: none is provable)."""
+    def predict_answers(
+        self,
+        queries: Sequence[Query],
+        concepts: Callable[[dict[str, ProbabilityTable]], dict[str, ProbabilityTable]]
+        | None = None,
+    ) -> list[Term | None]:
+        """The most probable answer of each query's output argument (None: none is provable).
+
+        Args:
+            queries: the queries, evaluated ``logic.eval_batch`` at a time.
+            concepts: replaces the networks' tables before the logic reads them (e.g.
+                :func:`~gedi_nesy.logic.program.argmax_tables`); None: the tables as they are.
+        """
         for net in self.nets.values():
             net.eval()
         predictions: list[Term | None] = []
@@ -386,14 +312,27 @@ class JointTrainer:
             routes = self.route(chunk)
             images = {name: self.images(keys) for name, keys in routes.items()}
             tables, _ = self.forward_tables(routes, images)
+            tables = tables if concepts is None else concepts(tables)
             predictions.extend(self.logic.best_answers(chunk, tables))
         return predictions
 
     def task_accuracy(self, queries: Sequence[Query]) -> float:
         """Fraction of queries whose most probable answer equals the query's own output value."""
+        return self._accuracy(queries, None)
+
+    def argmax_task_accuracy(self, queries: Sequence[Query]) -> float:
+        """Fraction of queries whose answer under each input's most probable concept (one-hot
+        tables: for addition, the sum of the per-digit argmax numbers) is the query's own."""
+        return self._accuracy(queries, argmax_tables)
+
+    def _accuracy(
+        self,
+        queries: Sequence[Query],
+        concepts: Callable[[dict[str, ProbabilityTable]], dict[str, ProbabilityTable]] | None,
+    ) -> float:
         if not queries:
             raise ConfigError("no queries to evaluate; check the task's split sizes")
-        predicted = self.predict_answers(queries)
+        predicted = self.predict_answers(queries, concepts)
         truth = [q.output_values()[0] for q in queries]
         return sum(p == t for p, t in zip(predicted, truth)) / len(queries)
 

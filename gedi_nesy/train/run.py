@@ -272,9 +272,13 @@ def training_usage(trainer: JointTrainer, task: TaskData) -> dict[str, Any]:
 
 
 def evaluate(trainer: JointTrainer, task: TaskData, run_dir: Path) -> dict[str, Any]:
-    """Test task accuracy and concept metrics of every network, in and out of distribution,
-    and the label-free usage of each concept value on the training images."""
-    metrics: dict[str, Any] = {"test_task_acc": trainer.task_accuracy(task.test)}
+    """Test task accuracy (the most probable answer, and the answer of the argmax concepts) and
+    concept metrics of every network, in and out of distribution, and the label-free usage of
+    each concept value on the training images."""
+    metrics: dict[str, Any] = {
+        "test_task_acc": trainer.task_accuracy(task.test),
+        "test_task_acc_argmax": trainer.argmax_task_accuracy(task.test),
+    }
     metrics.update(_concepts(trainer, task, task.concept_images, task.concept_labels, run_dir, ""))
     if task.ood_test:
         metrics["ood_task_acc"] = trainer.task_accuracy(task.ood_test)
