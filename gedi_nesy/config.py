@@ -97,7 +97,7 @@ class ModelConfig:
     proj_dim: int = 64
     tau: float = 0.1  # temperature dividing the head's scores
     head: Literal["cosine", "linear"] = "cosine"
-    norm: Literal["none", "group"] = "none"
+    norm: Literal["none", "group"] = "group"  # GroupNorm: the lever that made GEDI cluster (docs/gedi.md)
     # prototypes per value; > 1 overclusters: the GEDI terms see k * clusters_per_value clusters
     # and a value's probability is the sum of its clusters' (gedi_nesy.gedi.nets)
     clusters_per_value: int = 1
@@ -130,10 +130,12 @@ class GediConfig:
     """Which objective, and the weights of its parts."""
 
     method: Literal["gedi", "swav", "jem"] = "gedi"
-    w_gen: float = 1.0
-    w_inv: float = 1.0
-    w_prior: float = 1.0
-    energy_reg: float = 0.0  # alpha of the energy-magnitude penalty
+    # The defaults are joint training's full objective (recipes/addition_gedi.yaml, docs/gedi.md):
+    # the spec's 1 / 1 / 1 saturates the bounded energy gap and drowns the logic loss.
+    w_gen: float = 0.1
+    w_inv: float = 0.1
+    w_prior: float = 0.1
+    energy_reg: float = 0.01  # alpha of the energy-magnitude penalty (only with w_gen > 0)
     symmetric_inv: bool = False
     clean_view: bool = False  # first view = the clean image: L_INV, L_PRIOR see what the logic sees
     prior_target: list[float] | None = None  # per cluster: what L_PRIOR matches; None: uniform

@@ -193,7 +193,7 @@ def test_tensor_keys_are_distinct_in_first_seen_order():
 
 def test_gedi_terms_join_the_loss_and_every_part_is_logged():
     images = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    gedi = GediConfig(w_gen=1.0, w_inv=0.5, w_prior=0.5)
+    gedi = GediConfig(w_gen=1.0, w_inv=0.5, w_prior=0.5, energy_reg=0.0)
     trainer = _trainer(_small_net(), images, gedi)
     values = trainer.train_step(_queries(QUERIES), extra={"digit_net": images[:3]})
     assert {"logic", "gen", "inv", "prior", "total", "unprovable"} <= set(values)
