@@ -62,7 +62,8 @@ def main() -> None:
         for name, trainer in trainers.items():
             seconds[name].append(time_steps(trainer, batches) / args.steps)
     base = statistics.median(seconds["gedi without L_GEN"])
-    print(f"| method | s / step (median of {args.rounds} rounds of {args.steps}) | x gedi without L_GEN |")
+    timed = f"median of {args.rounds} rounds of {args.steps}"
+    print(f"| method | s / step ({timed}) | x gedi without L_GEN |")
     print("|---|---|---|")
     for name, values in seconds.items():
         median = statistics.median(values)

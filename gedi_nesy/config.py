@@ -97,7 +97,7 @@ class ModelConfig:
     proj_dim: int = 64
     tau: float = 0.1  # temperature dividing the head's scores
     head: Literal["cosine", "linear"] = "cosine"
-    norm: Literal["none", "group"] = "group"  # GroupNorm: the lever that made GEDI cluster (docs/gedi.md)
+    norm: Literal["none", "group"] = "group"  # GroupNorm: what made GEDI cluster (docs/gedi.md)
     # prototypes per value; > 1 overclusters: the GEDI terms see k * clusters_per_value clusters
     # and a value's probability is the sum of its clusters' (gedi_nesy.gedi.nets)
     clusters_per_value: int = 1

@@ -114,3 +114,24 @@ def count_autograd_nodes() -> Callable[[torch.Tensor], int]:
         return len(seen)
 
     return count
+
+
+@pytest.fixture
+def crash_joint_training_at(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], Any]:
+    """Patches ``JointTrainer.train_step`` to raise KeyboardInterrupt when the trainer is at
+    ``step`` (the checkpoint of that step is on disk, as after a kill); returns the real method,
+    to put back before resuming."""
+    from gedi_nesy.train.joint import JointTrainer
+
+    def crash_at(step: int) -> Any:
+        real_step = JointTrainer.train_step
+
+        def crashing(self: Any, queries: Any, extra: Any = None) -> Any:
+            if self.step == step:
+                raise KeyboardInterrupt
+            return real_step(self, queries, extra)
+
+        monkeypatch.setattr(JointTrainer, "train_step", crashing)
+        return real_step
+
+    return crash_at

@@ -14,7 +14,7 @@ import pytest
 from gedi_nesy.bench.plan import BenchConfig, Trial, bench_methods, trial_config, trials
 from gedi_nesy.config import JointConfig, ModelConfig, NesyRunConfig
 from gedi_nesy.errors import ConfigError
-from gedi_nesy.schema import from_dict, load_config, to_dict
+from gedi_nesy.schema import _deep_merge, from_dict, load_config, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -222,17 +222,9 @@ OLD_DEFAULTS = {
 }
 
 
-def _merged(under: dict, over: dict) -> dict:
-    out = dict(under)
-    for key, value in over.items():
-        both = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = _merged(out[key], value) if both else value
-    return out
-
-
 def _resolved(raw: dict, defaults: dict | None = None) -> dict:
     """A trial's run config with every setting spelt out, under ``defaults`` where given."""
-    return to_dict(from_dict(NesyRunConfig, _merged(defaults or {}, raw)))
+    return to_dict(from_dict(NesyRunConfig, _deep_merge(defaults or {}, raw)))
 
 
 @pytest.mark.parametrize(

@@ -272,18 +272,13 @@ def toss_run(tmp_path: Path, folder: str, resume: bool = False) -> dict:
     return run_training(cfg, task, resume=resume, progress=False)
 
 
-def test_a_run_reports_the_probabilities_and_resume_restores_them(tmp_path, monkeypatch):
+def test_a_run_reports_the_probabilities_and_resume_restores_them(
+    tmp_path, monkeypatch, crash_joint_training_at
+):
     straight = toss_run(tmp_path, "straight")
     learned = straight["learned_probabilities"]["heads"]
     assert 0.5 < learned < 0.8  # 4 steps from 0.5 towards 13 heads in 16
-    real_step = JointTrainer.train_step
-
-    def crash_at_step_2(self, queries, extra=None):
-        if self.step == 2:  # the checkpoint of step 2 is on disk; die before step 3
-            raise KeyboardInterrupt
-        return real_step(self, queries, extra)
-
-    monkeypatch.setattr(JointTrainer, "train_step", crash_at_step_2)
+    real_step = crash_joint_training_at(2)  # dies before step 3
     with pytest.raises(KeyboardInterrupt):
         toss_run(tmp_path, "killed")
     monkeypatch.setattr(JointTrainer, "train_step", real_step)

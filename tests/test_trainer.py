@@ -239,7 +239,9 @@ SMOKE = str(ROOT / "configs/smoke_train.yaml")
 
 
 @needs_data
-def test_train_smoke_run_and_resume_to_the_same_result(tmp_path, monkeypatch):
+def test_train_smoke_run_and_resume_to_the_same_result(
+    tmp_path, monkeypatch, crash_joint_training_at
+):
     common = ["train", SMOKE, "--no-progress", "--set", f"logic.cache_dir={tmp_path / 'cc'}"]
     threads = torch.get_num_threads()
     assert main(common + ["--set", f"out_dir={tmp_path / 'straight'}"]) == 0
@@ -252,14 +254,7 @@ def test_train_smoke_run_and_resume_to_the_same_result(tmp_path, monkeypatch):
     assert metrics["steps"] == 4 and 0.0 <= metrics["test_task_acc"] <= 1.0
     assert metrics["unprovable_train_queries"] == 0
 
-    real_step = JointTrainer.train_step
-
-    def crash_at_step_2(self, queries, extra=None):
-        if self.step == 2:  # the checkpoint of step 2 is on disk; die before step 3
-            raise KeyboardInterrupt
-        return real_step(self, queries, extra)
-
-    monkeypatch.setattr(JointTrainer, "train_step", crash_at_step_2)
+    real_step = crash_joint_training_at(2)  # dies before step 3
     killed = ["--set", f"out_dir={tmp_path / 'killed'}"]
     with pytest.raises(KeyboardInterrupt):
         main(common + killed)
