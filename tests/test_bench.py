@@ -74,6 +74,8 @@ def test_trial_config_merges_dotted_and_nested_overrides_and_sets_seed_and_size(
             "bench trial x-s3: unknown config key 'gedi.w_invv'",
         ),
         ({"methods": {"x": 3}}, "a method is a mapping of overrides"),
+        ({"restarts": 2, "select_by": "acc_c"}, "select_by = 'acc_c' reads concept labels"),
+        ({"select_by": "ood_digit_net.ece_c"}, "'ood_digit_net.ece_c' reads concept labels"),
     ],
 )
 def test_bad_bench_configs_are_refused_before_any_trial_runs(tmp_path, change, message):

@@ -281,3 +281,34 @@ def test_every_recipe_and_bench_says_what_it_is_for_and_whether_it_is_current(pa
         header.append(line.removeprefix("#").strip())
     assert header, f"{path.name}: start with a comment saying what it is for"
     assert "Status: current" in " ".join(header), f"{path.name}: say whether it is current"
+
+
+BASELINES = ["dpl", "dpl+entropy", "dpl+swav", "dpl+1label"]
+FROZEN = [  # (evaluation file, development bench whose method it freezes, method)
+    ("eval/half.yaml", "bench_half_overcluster.yaml", "dpl+gedi+oc"),
+    *[("eval/half.yaml", "bench_half.yaml", m) for m in BASELINES],
+    ("eval/evenodd.yaml", "bench_evenodd_relabel.yaml", "dpl+gedi-nogen+relabel"),
+    ("eval/evenodd_restarts.yaml", "bench_evenodd_relabel.yaml", "dpl+gedi-nogen+relabel"),
+    *[("eval/evenodd.yaml", "bench_evenodd.yaml", m) for m in BASELINES],
+]
+
+
+@pytest.mark.parametrize("evaluation, development, method", FROZEN)
+def test_an_evaluation_recipe_is_the_one_chosen_on_the_development_seeds(
+    evaluation, development, method
+):
+    """docs/protocol.md: the evaluation benches run the development benches' settings, on the
+    seeds 100-109 and in their own folders; restart rows keep the development restart count."""
+    frozen = load_config(CONFIGS / evaluation, BenchConfig)
+    chosen = load_config(CONFIGS / development, BenchConfig)
+    assert frozen.seeds == list(range(100, 110))
+    assert frozen.name == "eval_" + Path(evaluation).stem and frozen.out_dir == chosen.out_dir
+    if frozen.restarts > 1:  # a restart row; a single-run row runs restart 0 of the recipe
+        assert (frozen.restarts, frozen.select_by) == (chosen.restarts, chosen.select_by)
+    assert len(trials(frozen)) == len(frozen.methods) * 10 * frozen.restarts
+    for seed in (100, 109):
+        for restart in range(frozen.restarts):
+            trial = Trial(method, None, seed, restart)
+            run, dev = trial_config(frozen, trial), trial_config(chosen, trial)
+            assert run.pop("out_dir") != dev.pop("out_dir")  # each bench its own folder
+            assert _resolved(run) == _resolved(dev), trial.name

@@ -7,10 +7,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from matplotlib.colors import to_rgba
 
 from gedi_nesy.plots import save_confusion_png, save_image_grid, save_panels_png
 from gedi_nesy.shortcuts import metrics as M
@@ -251,13 +253,36 @@ def test_save_image_grid(tmp_path: Path) -> None:
     assert (width, height) == ((3 * 30 + 2) * 2, (2 * 30 + 2) * 2)  # 3 x 2 tiles, pad 2, scale 2
 
 
-def test_save_panels_png_gives_a_method_one_colour_in_every_panel(tmp_path: Path) -> None:
-    panels = {
-        name: {f"m{i}": [0.1 * i, 0.05 * i] for i in range(12)} for name in ("raw", "matched")
+def test_save_panels_png_gives_a_method_one_colour_in_every_panel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gedi_nesy.plots as plots
+
+    figures = []
+    save = plots._save_atomic
+
+    def keep(fig: Any, path: Any, dpi: int) -> Path:
+        figures.append(fig)
+        return save(fig, path, dpi)
+
+    monkeypatch.setattr(plots, "_save_atomic", keep)
+    names = [f"m{i}" for i in range(12)]  # more methods than tab10 has colours
+    panels = {  # the right panel lists the methods in the opposite order and leaves one out
+        "raw": {name: [0.1 * i, 0.05 * i] for i, name in enumerate(names)},
+        "matched": {name: [0.2, 0.3] for name in reversed(names[1:])},
     }
     out = save_panels_png([100, 1000], panels, tmp_path / "p.png", xlabel="n", ylabel="Acc(C)",
                           title="bench", logx=True)  # fmt: skip
     _assert_png(out)
+    (fig,) = figures
+    colours = []  # per panel: method name -> RGBA of its line
+    for ax in fig.axes:
+        lines = {bars.get_label(): bars.lines[0].get_color() for bars in ax.containers}
+        colours.append({name: to_rgba(colour) for name, colour in lines.items()})
+    raw, matched = colours
+    assert set(raw) == set(names) and set(matched) == set(names[1:])
+    assert all(matched[name] == raw[name] for name in matched)  # the same colour in both panels
+    assert len(set(raw.values())) == len(names)  # and no two methods share one
 
 
 def test_plot_input_errors(tmp_path: Path) -> None:
@@ -277,3 +302,26 @@ def test_importing_plots_selects_no_backend() -> None:
     )
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}  # no preset backend
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, check=True)
+
+
+def test_concept_label_metrics_are_the_report_keys_that_change_when_the_labels_do() -> None:
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(4), size=200)  # (200, 4)
+    pred = probs.argmax(-1)
+    true = np.where(rng.random(200) < 0.7, pred, rng.integers(0, 4, 200))  # 70% agreement
+    before = M.concept_report(true, pred, probs, 4)
+    after = M.concept_report(rng.permutation(true), pred, probs, 4)
+    changed = {key for key in before if before[key] != after[key]}
+    assert changed == M.CONCEPT_LABEL_METRICS == set(before) - {"entropy_c", "collapse_hard"}
+    assert M.reads_concept_labels("ood_digit_net.acc_c") and M.reads_concept_labels("nmi_c")
+    assert not M.reads_concept_labels("train_min_usage_c")
+    assert not M.reads_concept_labels("best_val_task_acc")
+
+
+def test_ece_after_matching_renames_the_values_first() -> None:
+    true = np.repeat(np.arange(4), 5)  # (20,) five images of each value
+    probs = np.full((20, 4), 0.1 / 3)  # (20, 4) confidence 0.9 on value (c + 1) mod 4
+    probs[np.arange(20), (true + 1) % 4] = 0.9
+    report = M.concept_report(true, probs.argmax(-1), probs, 4)
+    assert report["ece_c"] == pytest.approx(0.9)  # every raw prediction wrong at 0.9
+    assert report["ece_c_matched"] == pytest.approx(0.1)  # every matched one right at 0.9

@@ -71,6 +71,16 @@ def _small_net(seed: int = 0) -> GEDINet:
     return GEDINet(k=10, width=4, feature_dim=16, proj_dim=8)
 
 
+def _assert_same_gradients(ours: dict, theirs: list[torch.Tensor]) -> None:
+    """Equal to 1e-4 relative; a bias just before a GroupNorm has zero gradient in exact
+    arithmetic, so there both sides are rounding noise, and the absolute tolerance is 1e-5 of
+    the network's largest gradient."""
+    scale = max(float(g.abs().max()) for g in theirs)
+    assert scale > 0
+    for (name, a), b in zip(ours.items(), theirs, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale), name
+
+
 OFF = GediConfig(w_gen=0.0, w_inv=0.0, w_prior=0.0)
 QUERIES = [(0, 1, 7), (2, 3, 12), (4, 5, 0), (6, 7, 18), (1, 6, 9)]
 
@@ -92,8 +102,10 @@ def test_gradients_equal_deepproblogs_own_training_step():
 
     assert values["logic"] == pytest.approx(float(stock_loss), rel=1e-6)
     assert values["unprovable"] == 0
-    for (name, p), q in zip(ours.named_parameters(), stock.parameters()):
-        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), name
+    _assert_same_gradients(
+        {name: p.grad for name, p in ours.named_parameters()},
+        [q.grad for q in stock.parameters()],
+    )
 
 
 def test_compiled_engine_gives_the_same_loss_and_gradients(tmp_path):
@@ -106,8 +118,7 @@ def test_compiled_engine_gives_the_same_loss_and_gradients(tmp_path):
         total.backward()
         grads.append((values["logic"], [p.grad.clone() for p in net.parameters()]))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
-    for a, b in zip(grads[0][1], grads[1][1]):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    _assert_same_gradients(dict(enumerate(grads[0][1])), grads[1][1])
 
 
 def test_logic_loss_counts_unprovable_and_keeps_them_out_of_the_mean():

@@ -33,6 +33,7 @@ import yaml
 from gedi_nesy.config import NesyRunConfig, check_name
 from gedi_nesy.errors import ConfigError, StorageError
 from gedi_nesy.schema import from_dict, with_defaults
+from gedi_nesy.shortcuts.metrics import reads_concept_labels
 from gedi_nesy.train.runtime import config_difference
 
 # metric key in metrics.json -> column heading of summary.md
@@ -288,7 +289,7 @@ def is_finished(cfg: BenchConfig, trial: Trial) -> bool:
 
 def _check_axes(cfg: BenchConfig) -> None:
     """Refuse a bench without methods or seeds, a size axis given halfway, repeated seeds or
-    sizes, or fewer than one restart."""
+    sizes, fewer than one restart, or restarts chosen by a metric that reads concept labels."""
     check_name("bench name", cfg.name)
     if not cfg.methods:
         raise ConfigError("the bench config has no methods; add e.g. methods: {dpl: {}}")
@@ -310,6 +311,12 @@ def _check_axes(cfg: BenchConfig) -> None:
         )
     if cfg.restarts < 1:
         raise ConfigError(f"bench restarts = {cfg.restarts}; give 1 (no restarts) or more")
+    if reads_concept_labels(cfg.select_by):
+        raise ConfigError(
+            f"bench select_by = {cfg.select_by!r} reads concept labels; a restart is chosen by a "
+            "label-free or task-label metric (docs/protocol.md), e.g. train_min_usage_c or "
+            "best_val_task_acc"
+        )
 
 
 def trials(cfg: BenchConfig) -> list[Trial]:

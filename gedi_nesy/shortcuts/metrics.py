@@ -46,6 +46,7 @@ __all__ = [
     "cluster_usage",
     "clustering_accuracy",
     "clustering_report",
+    "CONCEPT_LABEL_METRICS",
     "concept_ece",
     "concept_report",
     "confusion_matrix",
@@ -60,10 +61,26 @@ __all__ = [
     "nmi",
     "ood_auroc",
     "per_class_accuracy",
+    "reads_concept_labels",
     "rs_rate",
     "soft_concept_collapse",
     "weighted_f1",
 ]
+
+# The keys of :func:`concept_report` whose values read the true concept labels; the others
+# (``entropy_c``, ``collapse_hard``) depend on the predictions alone.
+CONCEPT_LABEL_METRICS = frozenset({
+    "acc_c", "acc_c_matched", "nmi_c", "f1_c_macro", "f1_c_weighted", "acc_c_per_class",
+    "acc_c_per_class_mean", "collapse_soft", "ece_c", "ece_c_matched", "concept_map",
+    "concept_map_is_intended",
+})  # fmt: skip
+
+
+def reads_concept_labels(key: str) -> bool:
+    """Whether a run metric (a key of ``metrics.json``) reads concept labels: a
+    :data:`CONCEPT_LABEL_METRICS` key, also with the out-of-distribution prefix ``ood_`` and a
+    network prefix (``ood_digit_net.acc_c``). Model selection must not read such a metric."""
+    return key.removeprefix("ood_").rpartition(".")[2] in CONCEPT_LABEL_METRICS
 
 
 def accuracy(true: Any, pred: Any) -> float:
@@ -312,7 +329,9 @@ def concept_report(
     Returns:
         Dict with floats ``acc_c``, ``acc_c_matched``, ``nmi_c``, ``f1_c_macro``,
         ``f1_c_weighted``, ``acc_c_per_class_mean``, ``collapse_hard``, ``collapse_soft``,
-        ``ece_c``, ``entropy_c``, ``concept_map_is_intended`` (1.0 or 0.0), and lists
+        ``ece_c``, ``ece_c_matched`` (ECE with the concept values renamed by
+        :func:`hungarian_mapping`, for tasks that admit several bijective maps), ``entropy_c``,
+        ``concept_map_is_intended`` (1.0 or 0.0), and lists
         ``acc_c_per_class`` (k floats, NaN for absent classes) and ``concept_map`` (k ints).
     """
     m = confusion_matrix(true, pred, k, k)  # (k, k)
@@ -331,6 +350,7 @@ def concept_report(
         "collapse_hard": hard_concept_collapse(m),
         "collapse_soft": soft_concept_collapse(m),
         "ece_c": concept_ece(p, true),
+        "ece_c_matched": concept_ece(p[:, np.argsort(hungarian_mapping(true, pred, k, k))], true),
         "entropy_c": mean_normalized_entropy(p),
         "concept_map": list(concept_map),
         "concept_map_is_intended": float(is_intended_map(concept_map, intended)),
