@@ -6,7 +6,6 @@ import csv
 import fcntl
 import io
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -26,9 +25,6 @@ from gedi_nesy.errors import ConfigError
 from gedi_nesy.schema import from_dict, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-needs_data = pytest.mark.skipif(
-    not os.environ.get("GEDI_NESY_DATA"), reason="set GEDI_NESY_DATA to the raw MNIST folder"
-)
 
 
 def _cfg(tmp_path, **kw) -> BenchConfig:
@@ -199,7 +195,7 @@ def _tiny_bench(tmp_path, methods: str) -> str:
 
 
 @pytest.mark.slow  # about a minute: four real trials in two processes
-@needs_data
+@pytest.mark.needs_data
 def test_bench_runs_trials_in_parallel_skips_finished_ones_and_reports_failures(tmp_path, capsys):
     config = _tiny_bench(tmp_path, "{dpl: {gedi.w_inv: 0, gedi.w_prior: 0}, gedi: {}}")
     assert main(["bench", config, "--jobs", "2", "--no-progress"]) == 0

@@ -322,3 +322,17 @@ def test_an_evaluation_recipe_is_the_one_chosen_on_the_development_seeds(
             run, dev = trial_config(frozen, trial), trial_config(chosen, trial)
             assert run.pop("out_dir") != dev.pop("out_dir")  # each bench its own folder
             assert _resolved(run) == _resolved(dev), trial.name
+
+
+@pytest.mark.parametrize("method, n", [("n4", 4), ("n15", 15), ("n100", 100)])
+def test_the_long_addition_bench_runs_the_shipped_configs(method, n):
+    """configs/eval/long_addition.yaml (issue 17): each method is configs/mnist_additionN.yaml,
+    on three evaluation seeds, in the bench's own folder and circuit cache."""
+    bench = load_config(CONFIGS / "eval/long_addition.yaml", BenchConfig)
+    assert bench.seeds == [100, 101, 102] and bench.name == "eval_long_addition"
+    run = _resolved(trial_config(bench, Trial(method, None, 101, 0)))
+    shipped = to_dict(load_config(CONFIGS / f"mnist_addition{n}.yaml", NesyRunConfig))
+    trial = {"name": f"{method}-s101", "out_dir": "runs/bench/eval_long_addition/trials",
+             "task": {"seed": 101}, "optim": {"seed": 101},
+             "logic": {"cache_dir": "runs/bench/circuits"}}  # fmt: skip
+    assert run == _deep_merge(shipped, trial)

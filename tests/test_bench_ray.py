@@ -28,9 +28,6 @@ from gedi_nesy.cli import main
 from gedi_nesy.errors import ConfigError
 from gedi_nesy.schema import from_dict
 
-needs_data = pytest.mark.skipif(
-    not os.environ.get("GEDI_NESY_DATA"), reason="set GEDI_NESY_DATA to the raw MNIST folder"
-)
 TIMING = ("train_seconds", "queries_per_s")  # wall-clock columns: differ run to run
 
 
@@ -76,7 +73,7 @@ def local_run(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow  # about a minute: four real trials on a local Ray runtime
-@needs_data
+@pytest.mark.needs_data
 def test_a_local_bench_runs_every_trial_once_on_one_node(local_run):
     rows = _results(local_run)
     assert [r["trial"] for r in rows] == ["dpl-s0", "dpl-s1", "gedi-s0", "gedi-s1"]
@@ -90,7 +87,7 @@ def test_a_local_bench_runs_every_trial_once_on_one_node(local_run):
 
 
 @pytest.mark.slow  # about a minute and a half: a loopback cluster, then four real trials
-@needs_data
+@pytest.mark.needs_data
 def test_a_two_node_loopback_cluster_gives_the_local_results(local_run, tmp_path, monkeypatch):
     # Ray's single-machine mode: every address stays 127.0.0.1 (else the driver would rewrite
     # the head's 127.0.0.1 to this machine's outward address)
@@ -111,7 +108,7 @@ def test_a_two_node_loopback_cluster_gives_the_local_results(local_run, tmp_path
 
 
 @pytest.mark.slow  # about a minute: two real trials of 40 steps, one of them killed and retried
-@needs_data
+@pytest.mark.needs_data
 def test_a_killed_worker_costs_its_trial_the_steps_since_its_checkpoint(tmp_path):
     # a and b are one config under two names: b is a's uninterrupted run
     config = _bench(tmp_path, "{a: {}, b: {}}", "batch_size: 7, epochs: 20, checkpoint_every: 2")

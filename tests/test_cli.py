@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -15,12 +14,9 @@ from gedi_nesy.train.standalone import GediTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs/smoke.yaml")
-needs_data = pytest.mark.skipif(
-    not os.environ.get("GEDI_NESY_DATA"), reason="set GEDI_NESY_DATA to the raw MNIST folder"
-)
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_gedi_smoke_run_writes_the_run_folder(tmp_path, capsys):
     assert main(["gedi", SMOKE, "--set", f"out_dir={tmp_path}", "--no-progress"]) == 0
     run = tmp_path / "smoke"
@@ -35,7 +31,7 @@ def test_gedi_smoke_run_writes_the_run_folder(tmp_path, capsys):
     assert "cluster_acc" in capsys.readouterr().out
 
 
-@needs_data
+@pytest.mark.needs_data
 @pytest.mark.parametrize("method", ["gedi", "swav", "jem"])
 def test_every_method_runs(tmp_path, method):
     args = ["gedi", SMOKE, "--no-progress", "--set", f"out_dir={tmp_path}",
@@ -43,7 +39,7 @@ def test_every_method_runs(tmp_path, method):
     assert main(args) == 0
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_resume_continues_to_the_same_result(tmp_path, monkeypatch):
     common = ["gedi", SMOKE, "--no-progress", "--set", "optim.max_steps=4"]
     assert main(common + ["--set", f"out_dir={tmp_path / 'straight'}"]) == 0
@@ -107,7 +103,7 @@ def _train_tiny_half(tmp_path, name: str, per_world: int, batch: int, *extra: st
     return main(["train", str(config), "--no-progress", *sets])
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_train_prints_the_shortcut_audit_and_trains_a_shortcut_task(tmp_path, capsys):
     assert _train_tiny_half(tmp_path, "half", 2, 7) == 0
     out = capsys.readouterr().out
@@ -122,7 +118,23 @@ def test_train_prints_the_shortcut_audit_and_trains_a_shortcut_task(tmp_path, ca
     assert metrics["train_min_usage_c"] == pytest.approx(5 * min(usage), abs=1e-5)
 
 
-@needs_data
+@pytest.mark.needs_data
+def test_without_validation_sums_the_last_network_is_evaluated(tmp_path, capsys):
+    assert _train_tiny_half(tmp_path, "half_noval", 2, 7, "task.n_val_per_world=0") == 0
+    lines = (tmp_path / "half_noval/log.jsonl").read_text().splitlines()
+    log = [json.loads(line) for line in lines]
+    assert [row["step"] for row in log] == [1, 2] and all("val_task_acc" not in row for row in log)
+    metrics = json.loads((tmp_path / "half_noval/metrics.json").read_text())
+    assert metrics["best_val_task_acc"] == -1.0  # no network kept by validation: the last one
+    capsys.readouterr()
+    sets = ("task.n_val_per_world=0", "optim.patience=2")
+    assert _train_tiny_half(tmp_path, "half_patience", 2, 7, *sets) == 2
+    err = capsys.readouterr().err
+    assert "optim.patience = 2 stops on validation sums, but task mnist_half has none" in err
+    assert err.count("\n") == 1 and not (tmp_path / "half_patience").exists()
+
+
+@pytest.mark.needs_data
 def test_resume_under_another_config_is_a_one_line_error(tmp_path, capsys):
     common = ["gedi", SMOKE, "--no-progress", "--set", f"out_dir={tmp_path}"]
     assert main(common + ["--set", "optim.max_steps=1"]) == 0
@@ -142,7 +154,7 @@ def test_standalone_gedi_refuses_overclustering_in_one_line(tmp_path, capsys):
     assert err.count("\n") == 1
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_concept_supervision_baseline_trains_on_k_labels_per_class(tmp_path):
     assert _train_tiny_half(tmp_path, "half_sup", 4, 14, "supervision.labels_per_class=1") == 0
     log = [json.loads(line) for line in (tmp_path / "half_sup/log.jsonl").read_text().splitlines()]
@@ -152,7 +164,7 @@ def test_concept_supervision_baseline_trains_on_k_labels_per_class(tmp_path):
     assert _train_tiny_half(tmp_path, "x", 4, 14, "supervision.labels_per_class=100") == 2
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_relabelling_runs_in_the_loop_and_is_logged(tmp_path):
     # 28 sums in batches of 7: 4 steps; relabelling after steps 1, 2 and 3, never after the last
     assert _train_tiny_half(tmp_path, "half_rl", 4, 7, "optim.relabel_every=1") == 0
@@ -166,7 +178,7 @@ def test_relabelling_runs_in_the_loop_and_is_logged(tmp_path):
     assert metrics["relabels"] == sum("relabel_map" in row for row in rows)
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_an_overclustered_network_is_relabelled_cluster_by_cluster(tmp_path):
     sets = ("model.clusters_per_value=2", "optim.relabel_every=1")
     assert _train_tiny_half(tmp_path, "half_oc", 4, 7, *sets) == 0
@@ -185,7 +197,7 @@ def test_an_overclustered_network_is_relabelled_cluster_by_cluster(tmp_path):
     assert value_of_cluster == (maps[-1] if maps else [0, 1, 2, 3, 4] * 2)  # checkpointed
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_swav_joint_method_and_gedi_only_steps(tmp_path, capsys):
     assert _train_tiny_half(tmp_path, "half_swav", 2, 7, "gedi.method=swav", "gedi.w_inv=0.5") == 0
     log = [json.loads(line) for line in (tmp_path / "half_swav/log.jsonl").read_text().splitlines()]
@@ -205,7 +217,7 @@ def test_swav_joint_method_and_gedi_only_steps(tmp_path, capsys):
 
 
 @pytest.mark.slow  # compiles the 40 column circuits and trains four-digit addition
-@needs_data
+@pytest.mark.needs_data
 def test_four_digit_addition_trains_with_the_column_chain(tmp_path):
     sets = [f"out_dir={tmp_path}", f"logic.cache_dir={tmp_path / 'cc'}", "task.n_train=8",
             "task.n_val=4", "task.n_test=8", "model.width=4", "optim.epochs=1",

@@ -4,7 +4,6 @@ networks that see only their own inputs, and a fourth engine written here and pl
 from __future__ import annotations
 
 import math
-import os
 import re
 from pathlib import Path
 
@@ -26,9 +25,6 @@ from gedi_nesy.train.runtime import torch_threads
 ROOT = Path(__file__).resolve().parents[1]
 ADDITION = ROOT / "programs/addition.pl"
 OFF = GediConfig(w_gen=0.0, w_inv=0.0, w_prior=0.0)
-needs_data = pytest.mark.skipif(
-    not os.environ.get("GEDI_NESY_DATA"), reason="set GEDI_NESY_DATA to the raw MNIST folder"
-)
 
 
 def _query(functor: str, a: Term, b: Term, s: int) -> Query:
@@ -47,7 +43,7 @@ def _indexed_images(n: int) -> torch.Tensor:
     return images
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_the_readme_api_example_runs(tmp_path, monkeypatch, capsys):
     """The README's own code block, on 16 sums instead of 300 (circuits in a temp cache)."""
     code = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)

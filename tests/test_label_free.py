@@ -6,7 +6,6 @@ the same shuffle must change the network: that is what shows the shuffle reaches
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +17,6 @@ from gedi_nesy.shortcuts.metrics import reads_concept_labels
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO_ROOT / "configs/smoke_train.yaml")  # 4 steps, every GEDI term on
-needs_data = pytest.mark.skipif(
-    not os.environ.get("GEDI_NESY_DATA"), reason="set GEDI_NESY_DATA to the raw MNIST folder"
-)
 
 CLOCK_KEYS = {"train_seconds", "queries_per_s"}  # wall-clock time, never equal across runs
 
@@ -82,7 +78,7 @@ def _same_weights(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 @pytest.mark.parametrize("method", list(LABEL_FREE))
-@needs_data
+@pytest.mark.needs_data
 def test_a_label_free_run_is_the_same_when_the_digit_labels_are_shuffled(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
@@ -98,7 +94,7 @@ def test_a_label_free_run_is_the_same_when_the_digit_labels_are_shuffled(
     assert straight["acc_c"] != shuffled["acc_c"]  # the shuffle did reach what reads the labels
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_the_one_label_baseline_reads_the_labels_so_the_shuffle_changes_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -243,13 +242,10 @@ def test_task_accuracy_with_a_perfect_concept_network():
     assert usage["train_min_usage_c"] == 0.0  # digits 2, 4, 6, 8 never predicted
 
 
-needs_data = pytest.mark.skipif(
-    not os.environ.get("GEDI_NESY_DATA"), reason="set GEDI_NESY_DATA to the raw MNIST folder"
-)
 SMOKE = str(ROOT / "configs/smoke_train.yaml")
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_train_smoke_run_and_resume_to_the_same_result(
     tmp_path, monkeypatch, crash_joint_training_at
 ):

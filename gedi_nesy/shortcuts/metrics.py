@@ -339,9 +339,11 @@ def concept_report(
     if p.shape != (m.sum(), k):
         raise ValueError(f"probs must have shape ({m.sum()}, {k}), got {p.shape}")
     concept_map = implemented_concept_map(m)
+    matched = hungarian_mapping(true, pred, k, k)  # (k,): the true value of each predicted value
+    t, c = label_pair(true, pred)  # (N,), (N,)
     return {
         "acc_c": accuracy(true, pred),
-        "acc_c_matched": clustering_accuracy(true, pred, k, k),
+        "acc_c_matched": float(np.mean(matched[c] == t)),  # clustering_accuracy with this map
         "nmi_c": nmi(true, pred),
         "f1_c_macro": macro_f1(true, pred),
         "f1_c_weighted": weighted_f1(true, pred),
@@ -350,7 +352,7 @@ def concept_report(
         "collapse_hard": hard_concept_collapse(m),
         "collapse_soft": soft_concept_collapse(m),
         "ece_c": concept_ece(p, true),
-        "ece_c_matched": concept_ece(p[:, np.argsort(hungarian_mapping(true, pred, k, k))], true),
+        "ece_c_matched": concept_ece(p[:, np.argsort(matched)], true),
         "entropy_c": mean_normalized_entropy(p),
         "concept_map": list(concept_map),
         "concept_map_is_intended": float(is_intended_map(concept_map, intended)),

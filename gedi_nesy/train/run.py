@@ -202,23 +202,29 @@ class JointParts(NamedTuple):
     """What the loop needs besides the trainer, built (and so checked) before the run folder."""
 
     batches: Batches
-    validation: Validation
+    validation: Validation | None
     hooks: list[Relabeller]
 
 
 def joint_parts(trainer: JointTrainer, task: TaskData, cfg: NesyRunConfig) -> JointParts:
-    """The batches, validation on ``task.val`` (early stopping, best networks kept) and the
-    relabelling hook when configured.
+    """The batches, validation on ``task.val`` (early stopping, best networks kept; none when
+    the task has no validation queries: the last networks are evaluated) and the relabelling
+    hook when configured.
 
     Raises:
-        ConfigError: extra images without a pool, or relabelling networks that cannot be.
+        ConfigError: extra images without a pool, relabelling networks that cannot be, or
+            early stopping without validation queries.
     """
     o = cfg.optim
+    if o.patience > 0 and not task.val:
+        raise ConfigError(
+            f"optim.patience = {o.patience} stops on validation sums, but task {task.name} has "
+            "none (task.n_val = 0?); set task.n_val > 0, or optim.patience: 0 to train to the end"
+        )
     validation = Validation(
-        score=lambda: trainer.task_accuracy(task.val) if task.val else float("nan"),
-        nets=trainer.validated_modules(), every=o.eval_every, patience=o.patience,
-        name="val_task_acc",
-    )  # fmt: skip
+        score=lambda: trainer.task_accuracy(task.val), nets=trainer.validated_modules(),
+        every=o.eval_every, patience=o.patience, name="val_task_acc",
+    ) if task.val else None  # fmt: skip
     hooks = [Relabeller(trainer, task.train, o)] if o.relabel_every > 0 else []
     return JointParts(joint_batches(trainer, task), validation, hooks)
 
