@@ -219,7 +219,8 @@ def joint_parts(trainer: JointTrainer, task: TaskData, cfg: NesyRunConfig) -> Jo
     if o.patience > 0 and not task.val:
         raise ConfigError(
             f"optim.patience = {o.patience} stops on validation sums, but task {task.name} has "
-            "none (task.n_val = 0?); set task.n_val > 0, or optim.patience: 0 to train to the end"
+            "none; give it some (task.n_val, or task.n_val_per_world for the shortcut tasks), or "
+            "set optim.patience: 0 to train to the end"
         )
     validation = Validation(
         score=lambda: trainer.task_accuracy(task.val), nets=trainer.validated_modules(),
