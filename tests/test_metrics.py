@@ -24,6 +24,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # --- Clustering -------------------------------------------------------------------------------
 
 
+def test_mapped_accuracy_renames_the_clusters_before_comparing() -> None:
+    # clusters 0, 1, 2 renamed to 1, 0, -1: predictions read 1, 0, -1, 1 against 1, 0, 2, 2
+    assert M.mapped_accuracy([1, 0, 2, 2], [0, 1, 2, 0], np.array([1, 0, -1])) == 0.5
+    m = np.array([1, 0, 2])  # the same with cluster 2 named 2: 3 of 4
+    assert M.mapped_accuracy([1, 0, 2, 2], [0, 1, 2, 0], m) == 0.75
+
+
 def test_confusion_matrix_rows_true_cols_pred() -> None:
     m = M.confusion_matrix([0, 0, 1, 2], [1, 1, 1, 0], n_true=3, n_pred=2)
     np.testing.assert_array_equal(m, [[0, 2], [0, 1], [1, 0]])  # M[i, j] = #{true=i, pred=j}

@@ -21,6 +21,7 @@ __all__ = [
     "clustering_report",
     "confusion_matrix",
     "hungarian_mapping",
+    "mapped_accuracy",
     "n_used_clusters",
     "nmi",
     "ood_auroc",
@@ -81,7 +82,21 @@ def clustering_accuracy(true: Any, pred: Any, n_true: int, n_pred: int | None = 
         Fraction of samples whose matched cluster label equals the true label, in [0, 1].
     """
     n_pred = n_true if n_pred is None else n_pred
-    mapping = hungarian_mapping(true, pred, n_true, n_pred)  # (n_pred,)
+    return mapped_accuracy(true, pred, hungarian_mapping(true, pred, n_true, n_pred))
+
+
+def mapped_accuracy(true: Any, pred: Any, mapping: np.ndarray) -> float:
+    """Accuracy after renaming each cluster id ``c`` to ``mapping[c]`` (e.g. the map of
+    :func:`hungarian_mapping`, computed once by a caller that also needs it).
+
+    Args:
+        true: true labels, shape (N,).
+        pred: cluster ids, shape (N,), values in [0, len(mapping)).
+        mapping: the label of each cluster, shape (n_pred,); -1 never counts correct.
+
+    Returns:
+        Fraction of samples whose mapped cluster label equals the true label, in [0, 1].
+    """
     t, p = label_pair(true, pred)
     return float(np.mean(mapping[p] == t))
 

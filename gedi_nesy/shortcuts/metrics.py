@@ -35,6 +35,7 @@ from gedi_nesy.shortcuts.clustering import (
     clustering_report,
     confusion_matrix,
     hungarian_mapping,
+    mapped_accuracy,
     n_used_clusters,
     nmi,
     ood_auroc,
@@ -55,6 +56,7 @@ __all__ = [
     "implemented_concept_map",
     "is_intended_map",
     "macro_f1",
+    "mapped_accuracy",
     "mean_normalized_entropy",
     "mean_per_class_accuracy",
     "n_used_clusters",
@@ -340,10 +342,9 @@ def concept_report(
         raise ValueError(f"probs must have shape ({m.sum()}, {k}), got {p.shape}")
     concept_map = implemented_concept_map(m)
     matched = hungarian_mapping(true, pred, k, k)  # (k,): the true value of each predicted value
-    t, c = label_pair(true, pred)  # (N,), (N,)
     return {
         "acc_c": accuracy(true, pred),
-        "acc_c_matched": float(np.mean(matched[c] == t)),  # clustering_accuracy with this map
+        "acc_c_matched": mapped_accuracy(true, pred, matched),  # clustering_accuracy
         "nmi_c": nmi(true, pred),
         "f1_c_macro": macro_f1(true, pred),
         "f1_c_weighted": weighted_f1(true, pred),
