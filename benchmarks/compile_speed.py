@@ -14,6 +14,11 @@ and its peak memory (``ru_maxrss`` of that child, from ``os.wait4``) is its own.
 * ``stock``: DeepProbLog's own exact engine, ``Solver.build_ac`` (grounding + ProbLog's SDD,
   DeepProbLog's default ``sdd_auto_gc=False``), compile time only.
 
+``--vtree`` picks the SDD manager's initial vtree for ``gc_on`` / ``gc_off``: ``balanced`` is
+ProbLog's own (over the query's atoms in the order ProbLog creates them); ``right``, ``left`` and
+``vertical`` replace it in the child (ProbLog has no option for it, so the child patches
+``SDD._create_manager``; the library never does).
+
 A compile that runs past ``--timeout`` seconds is killed and reported as ``> T s`` with the peak
 memory it had reached; once a setting times out, its larger symbol counts are not run. Example
 (from the repository root):
@@ -45,6 +50,7 @@ PROGRAM = DEEPPROBLOG / "examples" / "HWF" / "model.pl"
 NETWORKS = {"net1": 10, "net2": 4}
 FORMULAS = {1: "7", 3: "2+3", 5: "2+3*4", 7: "2+3*4-5", 9: "2+3*4-5/5"}  # value: eval(formula)
 SETTINGS = {"gc_on": True, "gc_off": False, "stock": None}  # -> CompiledLogic's sdd_auto_gc
+VTREES = ("balanced", "right", "left", "vertical")  # pysdd's vtree types; balanced is ProbLog's
 MEMORY_CAP = 8 * 2**30  # bytes of address space per child: a runaway compile fails, not the host
 
 
@@ -68,10 +74,28 @@ def fixed_tables(n: int) -> dict:
     return tables
 
 
-def child_compiled(n: int, auto_gc: bool, evals: int) -> dict:
+def use_vtree(vtree_type: str) -> None:
+    """Make ProbLog's SDDs in this process start from a ``vtree_type`` vtree over their atoms."""
+    from problog.sdd_formula import SDD, SDDManager
+    from pysdd.sdd import SddManager, Vtree
+
+    def create_manager(self: SDD) -> SDDManager:
+        manager = SDDManager(auto_gc=self.auto_gc, varcount=1)
+        n = max(self.init_varcount, 1)  # build_sdd sets it to the formula's atom count
+        vtree = Vtree(var_count=n, vtree_type=vtree_type)
+        inner = SddManager(var_count=n, auto_gc_and_minimize=self.auto_gc, vtree=vtree)
+        manager._SDDManager__manager = inner  # ProbLog's manager keeps it name-mangled
+        return manager
+
+    SDD._create_manager = create_manager
+
+
+def child_compiled(n: int, auto_gc: bool, evals: int, vtree: str) -> dict:
     """Compile the n-symbol query through CompiledLogic (fresh cache), then evaluate it."""
     from gedi_nesy.logic.compiled import CompiledLogic
 
+    if vtree != "balanced":
+        use_vtree(vtree)
     query, _ = hwf_query(n)
     tables = fixed_tables(n)
     with tempfile.TemporaryDirectory() as cache:
@@ -108,9 +132,9 @@ def child_stock(n: int) -> dict:
     return {"compile_s": time.perf_counter() - start}
 
 
-def run_child(n: int, setting: str, timeout: float, evals: int) -> dict:
+def run_child(n: int, setting: str, timeout: float, evals: int, vtree: str) -> dict:
     """Run one measurement in a child process; kill it after ``timeout`` seconds."""
-    cmd = [sys.executable, __file__, "--child", setting, str(n), str(evals)]
+    cmd = [sys.executable, __file__, "--child", setting, str(n), str(evals), vtree]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     timer = threading.Timer(timeout, proc.kill)
@@ -127,14 +151,14 @@ def run_child(n: int, setting: str, timeout: float, evals: int) -> dict:
     return {**row, "status": "ok", **json.loads(out.strip().splitlines()[-1])}
 
 
-def child_main(setting: str, n: int, evals: int) -> None:
+def child_main(setting: str, n: int, evals: int, vtree: str) -> None:
     """Entry point of a child: cap memory, one thread, measure, print one JSON line."""
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
     torch.set_num_threads(1)
     if setting == "stock":
         result = child_stock(n)
     else:
-        result = child_compiled(n, SETTINGS[setting], evals)
+        result = child_compiled(n, SETTINGS[setting], evals, vtree)
     print(json.dumps(result), flush=True)
 
 
@@ -158,16 +182,20 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per compile")
     parser.add_argument("--evals", type=int, default=20, help="timed evaluations per circuit")
+    parser.add_argument("--vtree", choices=VTREES, default="balanced", help="initial SDD vtree")
     args = parser.parse_args()
     bad = [n for n in args.symbols if n not in FORMULAS]
     if bad:
         parser.error(f"--symbols {bad}: allowed {sorted(FORMULAS)} (odd: digits and operators)")
-    print(f"program {PROGRAM}; formulas {FORMULAS}; timeout {args.timeout:.0f} s", flush=True)
+    print(
+        f"program {PROGRAM}; formulas {FORMULAS}; timeout {args.timeout:.0f} s; vtree {args.vtree}",
+        flush=True,
+    )
     print("| symbols | setting | compile s | peak MB | terms | eval ms | probability |")
     print("|---|---|---|---|---|---|---|", flush=True)
     for setting in args.settings:
         for n in sorted(args.symbols):
-            row = run_child(n, setting, args.timeout, args.evals)
+            row = run_child(n, setting, args.timeout, args.evals, args.vtree)
             print(format_row(row, args.timeout), flush=True)
             if row["status"] != "ok":
                 print(f"| > {n} | {setting} | not run: {n} symbols did not finish | | | | |")
@@ -175,7 +203,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--child":
-        child_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    if len(sys.argv) == 6 and sys.argv[1] == "--child":
+        child_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
     else:
         main()
