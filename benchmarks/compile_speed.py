@@ -182,7 +182,9 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per compile")
     parser.add_argument("--evals", type=int, default=20, help="timed evaluations per circuit")
-    parser.add_argument("--vtree", choices=VTREES, default="balanced", help="initial SDD vtree")
+    parser.add_argument(
+        "--vtree", choices=VTREES, default="balanced", help="vtree of gc_on, gc_off"
+    )
     args = parser.parse_args()
     bad = [n for n in args.symbols if n not in FORMULAS]
     if bad:
