@@ -315,6 +315,29 @@ def test_clean_view_puts_the_prior_on_the_images_the_logic_sees():
     assert plain(x).prior.item() != pytest.approx(parts.prior.item(), rel=1e-6)
 
 
+def test_l_prior_alone_draws_and_forwards_one_view():
+    from gedi_nesy.config import GediConfig, SGLDConfig
+    from gedi_nesy.gedi.augment import augment
+    from gedi_nesy.gedi.objective import GediObjective
+
+    torch.manual_seed(0)
+    net = GEDINet(5, width=4, feature_dim=16, proj_dim=8)
+    x = torch.rand(6, 1, 28, 28) * 2 - 1  # (6, 1, 28, 28)
+    rows: list[int] = []  # the batch size of each encoder forward
+    net.encoder.register_forward_pre_hook(lambda _, args: rows.append(len(args[0])))
+    for clean in (False, True):
+        gedi = GediConfig(w_gen=0.0, w_inv=0.0, w_prior=1.0, clean_view=clean)
+        objective = GediObjective(net, gedi, SGLDConfig(), AugmentConfig(), image_shape=(1, 28, 28),
+                                  device=torch.device("cpu"), seed=3)  # fmt: skip
+        twin = torch.Generator().set_state(objective.generator.get_state())
+        view = x if clean else augment(x, AugmentConfig(), twin)  # the one view it may draw
+        rows.clear()
+        prior = objective(x).prior
+        assert rows == [6]  # one forward of the 6 images' one view, no unused second view
+        assert torch.equal(objective.generator.get_state(), twin.get_state())  # one draw at most
+        assert prior.item() == pytest.approx(prior_loss(net(view)).item(), rel=1e-6)
+
+
 def test_prior_target_sets_the_marginal_l_prior_matches():
     from gedi_nesy.config import GediConfig, SGLDConfig
     from gedi_nesy.errors import ConfigError

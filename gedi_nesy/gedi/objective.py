@@ -14,7 +14,6 @@ import torch
 from gedi_nesy.config import AugmentConfig, GediConfig, SGLDConfig
 from gedi_nesy.errors import ConfigError
 from gedi_nesy.gedi.augment import augment as random_view
-from gedi_nesy.gedi.augment import two_views
 from gedi_nesy.gedi.energy import energy
 from gedi_nesy.gedi.losses import (
     GediLoss,
@@ -137,14 +136,15 @@ class GediObjective:
         """Unweighted loss parts on images ``x`` (B, C, H, W); parts of weight 0 are skipped."""
         w = self.weights
         zero = x.new_zeros(())
-        use_views = w.inv != 0.0 or w.prior != 0.0 or w.swav != 0.0
+        use_pair = w.inv != 0.0 or w.swav != 0.0  # terms that compare two views
+        use_views = use_pair or w.prior != 0.0
         use_gen = w.gen != 0.0 or w.energy_reg != 0.0
         batches, b = [], len(x)
-        if use_views:
-            if self.gedi.clean_view:
-                batches += [x, random_view(x, self.augment, self.generator)]  # 2 x (B, C, H, W)
-            else:
-                batches += list(two_views(x, self.augment, self.generator))  # 2 x (B, C, H, W)
+        if use_views:  # L_PRIOR alone reads the first view only: the second is not drawn
+            first = x if self.gedi.clean_view else random_view(x, self.augment, self.generator)
+            batches.append(first)  # (B, C, H, W)
+            if use_pair:
+                batches.append(random_view(x, self.augment, self.generator))  # (B, C, H, W)
         if use_gen:
             noise = torch.randn(x.shape, generator=self.generator, device=x.device)
             batches += [x + self.sgld.data_noise * noise, self.samples(b)]  # 2 x (B, C, H, W)
@@ -152,12 +152,12 @@ class GediObjective:
             return GediLoss(zero, zero, zero, zero, zero)
         logits = self.logits(torch.cat(batches)).split(b)  # one forward: n_batches x (B, M)
         gen = reg = inv = prior = swav = zero
-        if use_views:
+        if use_views and w.prior != 0.0:
+            prior = prior_loss(logits[0], self.prior_target)
+        if use_pair:
             za, zb = logits[0], logits[1]
             if w.inv != 0.0:
                 inv = invariance_loss(za, zb, symmetric=self.gedi.symmetric_inv)
-            if w.prior != 0.0:
-                prior = prior_loss(za, self.prior_target)
             if w.swav != 0.0:
                 swav = swav_loss(
                     za * self.net.tau,
