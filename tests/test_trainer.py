@@ -242,6 +242,31 @@ def test_task_accuracy_with_a_perfect_concept_network():
     assert usage["train_min_usage_c"] == 0.0  # digits 2, 4, 6, 8 never predicted
 
 
+def test_evaluate_reports_the_task_accuracy_on_the_training_queries(tmp_path):
+    from gedi_nesy.task import TaskData
+
+    labels = torch.tensor([3, 5, 0, 9, 7, 1, 2, 8])
+    images = torch.zeros(8, 1, 28, 28)
+    images[:, 0, 0, 0] = torch.arange(8.0)  # image i holds i in its first pixel
+
+    class Oracle(torch.nn.Module):  # all mass on image i's digit labels[i]
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(()))  # something for the optimiser
+
+        def forward(self, x):
+            return torch.nn.functional.one_hot(labels[x[:, 0, 0, 0].round().long()], 10) * 50.0
+
+    trainer = _trainer(Oracle(), images, OFF)
+    train = _queries([(0, 1, 8), (2, 3, 9), (4, 5, 8), (0, 1, 7), (6, 7, 1)])  # 3 right, 2 wrong
+    test = _queries([(6, 7, 10)])  # 2 + 8 = 10: right
+    task = TaskData("t", ADDITION, {"digit_net": 10}, {"img": images}, train, [], test, "img",
+                    labels)  # fmt: skip
+    metrics = run.evaluate(trainer, task, tmp_path)
+    assert metrics["train_task_acc"] == pytest.approx(3 / 5)  # the training sums' own labels
+    assert metrics["test_task_acc"] == 1.0
+
+
 SMOKE = str(ROOT / "configs/smoke_train.yaml")
 
 

@@ -279,12 +279,14 @@ def training_usage(trainer: JointTrainer, task: TaskData) -> dict[str, Any]:
 
 
 def evaluate(trainer: JointTrainer, task: TaskData, run_dir: Path) -> dict[str, Any]:
-    """Test task accuracy (the most probable answer, and the answer of the argmax concepts) and
-    concept metrics of every network, in and out of distribution, and the label-free usage of
-    each concept value on the training images."""
+    """Test task accuracy (the most probable answer, and the answer of the argmax concepts),
+    concept metrics of every network, in and out of distribution, and two label-free signals: the
+    task accuracy on the training queries (``train_task_acc``, their task labels only) and the
+    usage of each concept value on the training images."""
     metrics: dict[str, Any] = {
         "test_task_acc": trainer.task_accuracy(task.test),
         "test_task_acc_argmax": trainer.argmax_task_accuracy(task.test),
+        "train_task_acc": trainer.task_accuracy(task.train),
     }
     metrics.update(_concepts(trainer, task, task.concept_images, task.concept_labels, run_dir, ""))
     if task.ood_test:
