@@ -57,10 +57,3 @@ def augment(
         noise = torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
         out = out + cfg.noise_std * noise
     return out.clamp(-1.0, 1.0)
-
-
-def two_views(
-    x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two independent random views (x', x'') of the same batch, each (B, C, H, W)."""
-    return augment(x, cfg, generator), augment(x, cfg, generator)
