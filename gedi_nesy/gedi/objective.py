@@ -152,7 +152,7 @@ class GediObjective:
             return GediLoss(zero, zero, zero, zero, zero)
         logits = self.logits(torch.cat(batches)).split(b)  # one forward: n_batches x (B, M)
         gen = reg = inv = prior = swav = zero
-        if use_views and w.prior != 0.0:
+        if w.prior != 0.0:  # the first view, clean or random
             prior = prior_loss(logits[0], self.prior_target)
         if use_pair:
             za, zb = logits[0], logits[1]
