@@ -212,19 +212,24 @@ def test_gedi_terms_join_the_loss_and_every_part_is_logged():
     assert trainer.step == 1
 
 
+ORACLE_LABELS = torch.tensor([3, 5, 0, 9, 7, 1, 2, 8])  # the digit of oracle image i
+ORACLE_IMAGES = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 28, 28).contiguous()  # i in image i
+
+
+class Oracle(torch.nn.Module):
+    """A perfect concept network on ORACLE_IMAGES: all mass on image i's digit ORACLE_LABELS[i]."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(()))  # something for the optimiser
+
+    def forward(self, x):
+        idx = x.flatten(1)[:, 0].round().long()  # (B,)
+        return torch.nn.functional.one_hot(ORACLE_LABELS[idx], 10).float() * 50.0
+
+
 def test_task_accuracy_with_a_perfect_concept_network():
-    labels = torch.tensor([3, 5, 0, 9, 7, 1, 2, 8])
-
-    class Oracle(torch.nn.Module):  # image i holds the value i; logits put all mass on its digit
-        def __init__(self):
-            super().__init__()
-            self.unused = torch.nn.Parameter(torch.zeros(()))  # something for the optimiser
-
-        def forward(self, x):
-            idx = x.flatten(1)[:, 0].round().long()  # (B,)
-            return torch.nn.functional.one_hot(labels[idx], 10).float() * 50.0
-
-    images = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 28, 28).contiguous()
+    labels, images = ORACLE_LABELS, ORACLE_IMAGES
     trainer = _trainer(Oracle(), images, OFF)  # any module: the GEDI terms are off
     right = _queries([(0, 1, 8), (2, 3, 9), (4, 5, 8)])
     wrong = _queries([(0, 1, 7), (6, 7, 1)])
@@ -245,18 +250,7 @@ def test_task_accuracy_with_a_perfect_concept_network():
 def test_evaluate_reports_the_task_accuracy_on_the_training_queries(tmp_path):
     from gedi_nesy.task import TaskData
 
-    labels = torch.tensor([3, 5, 0, 9, 7, 1, 2, 8])
-    images = torch.zeros(8, 1, 28, 28)
-    images[:, 0, 0, 0] = torch.arange(8.0)  # image i holds i in its first pixel
-
-    class Oracle(torch.nn.Module):  # all mass on image i's digit labels[i]
-        def __init__(self):
-            super().__init__()
-            self.unused = torch.nn.Parameter(torch.zeros(()))  # something for the optimiser
-
-        def forward(self, x):
-            return torch.nn.functional.one_hot(labels[x[:, 0, 0, 0].round().long()], 10) * 50.0
-
+    labels, images = ORACLE_LABELS, ORACLE_IMAGES
     trainer = _trainer(Oracle(), images, OFF)
     train = _queries([(0, 1, 8), (2, 3, 9), (4, 5, 8), (0, 1, 7), (6, 7, 1)])  # 3 right, 2 wrong
     test = _queries([(6, 7, 10)])  # 2 + 8 = 10: right
