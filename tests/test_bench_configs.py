@@ -336,3 +336,24 @@ def test_the_long_addition_bench_runs_the_shipped_configs(method, n):
              "task": {"seed": 101}, "optim": {"seed": 101},
              "logic": {"cache_dir": "runs/bench/circuits"}}  # fmt: skip
     assert run == _deep_merge(shipped, trial)
+
+
+@pytest.mark.parametrize("method, n", [("n15", 15), ("n100", 100)])
+def test_the_long_addition_restart_bench_runs_the_shipped_configs_twice(method, n):
+    """configs/eval/long_addition_restarts.yaml (issue 17): each method is
+    configs/mnist_additionN.yaml on the fresh evaluation seeds 103-105, twice per seed (restart 1
+    changes the model seed only), the run kept by its training sum accuracy (no concept labels)."""
+    bench = load_config(CONFIGS / "eval/long_addition_restarts.yaml", BenchConfig)
+    assert bench.seeds == [103, 104, 105] and bench.name == "eval_long_addition_restarts"
+    assert (bench.restarts, bench.select_by) == (2, "train_task_acc")
+    assert [t.name for t in trials(bench) if t.method == method] == [
+        f"{method}-s{seed}{restart}" for seed in (103, 104, 105) for restart in ("", "-r1")
+    ]
+    shipped = to_dict(load_config(CONFIGS / f"mnist_addition{n}.yaml", NesyRunConfig))
+    for restart, model_seed in ((0, 104), (1, 1104)):
+        run = _resolved(trial_config(bench, Trial(method, None, 104, restart)))
+        name = f"{method}-s104" + ("-r1" if restart else "")
+        trial = {"name": name, "out_dir": "runs/bench/eval_long_addition_restarts/trials",
+                 "task": {"seed": 104}, "optim": {"seed": model_seed},
+                 "logic": {"cache_dir": "runs/bench/circuits"}}  # fmt: skip
+        assert run == _deep_merge(shipped, trial)
