@@ -1,4 +1,5 @@
-"""Command line: ``gedi-nesy gedi|train|bench CONFIG [--set key=value ...]`` and ``audit TASK``.
+"""Command line: ``gedi-nesy gedi|train|bench CONFIG [--set key=value ...]``, ``audit TASK`` and
+``curves LOG ... --out PNG``.
 
 The CLI only parses arguments and calls the library. Errors a user can fix are printed as one line
 (``error: ...``) with exit status 2.
@@ -16,7 +17,7 @@ from gedi_nesy.errors import GediNesyError
 
 
 def get_parser() -> argparse.ArgumentParser:
-    """The ``gedi-nesy`` argument parser: sub-commands train, gedi, audit, bench."""
+    """The ``gedi-nesy`` argument parser: sub-commands train, gedi, audit, bench, curves."""
     parser = argparse.ArgumentParser(
         prog="gedi-nesy", description="GEDI networks as DeepProbLog neural predicates."
     )
@@ -63,6 +64,16 @@ def get_parser() -> argparse.ArgumentParser:
         help="reruns of a trial whose worker or node died (it resumes)",
     )
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    curves = sub.add_parser(
+        "curves", help="draw runs' step logs (log.jsonl) as training curves, one line per run"
+    )
+    curves.add_argument("logs", nargs="+", help="run folders or their log.jsonl files")
+    curves.add_argument("--out", required=True, help="the PNG to write, e.g. curves.png")
+    curves.add_argument(
+        "--keys", nargs="+", default=None,
+        help="logged values to draw, e.g. logic total (default: every loss and score logged)",
+    )  # fmt: skip
+    curves.add_argument("--log-y", action="store_true", help="log-scale y axes (losses)")
     return parser
 
 
@@ -189,7 +200,20 @@ def _run_bench(args: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
-COMMANDS = {"gedi": _run_gedi, "train": _run_train, "audit": _run_audit, "bench": _run_bench}
+def _run_curves(args: argparse.Namespace) -> dict[str, Any]:
+    from gedi_nesy.train.steplog import save_log_curves
+
+    print(f"wrote {save_log_curves(args.logs, args.out, args.keys, log_y=args.log_y)}")
+    return {}
+
+
+COMMANDS = {
+    "gedi": _run_gedi,
+    "train": _run_train,
+    "audit": _run_audit,
+    "bench": _run_bench,
+    "curves": _run_curves,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

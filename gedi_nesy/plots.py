@@ -1,4 +1,5 @@
-"""PNG figures for reports: confusion matrices, image grids and accuracy-vs-data-size panels.
+"""PNG figures for reports: confusion matrices, image grids, accuracy-vs-data-size panels and
+training curves.
 
 Each figure is a ``matplotlib.figure.Figure`` drawn on its own ``FigureCanvasAgg``, so no global
 backend is selected and importing this module changes no matplotlib state. Files are written
@@ -17,6 +18,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from gedi_nesy.files import atomic_write
 
@@ -217,3 +219,60 @@ def save_panels_png(
     if title:
         fig.suptitle(title)
     return _save_atomic(fig, path, dpi=120)
+
+
+def save_curves_png(
+    panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
+    path: str | os.PathLike[str],
+    *,
+    xlabel: str = "step",
+    title: str = "",
+    log_y: bool = False,
+) -> Path:
+    """Saves training curves as small multiples: one panel per logged value (its own y axis),
+    one line per run in it; a run keeps one colour in every panel.
+
+    Args:
+        panels: value name -> (run label -> (x values, y values), two sequences of one length).
+        path: output PNG file; its folder is created if missing.
+        xlabel: x-axis label.
+        title: figure title.
+        log_y: draw every y axis on a log scale (a panel with a value <= 0 stays linear).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: no panel, a panel without a line, or a line whose x and y differ in length.
+    """
+    if not panels or not all(panels.values()):
+        raise ValueError("need at least one panel, and at least one line in every panel")
+    runs = list(dict.fromkeys(run for lines in panels.values() for run in lines))
+    palette = colormaps["tab10" if len(runs) <= 10 else "tab20"]
+    colors = {run: palette(i % palette.N) for i, run in enumerate(runs)}
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    legend_rows = -(-len(runs) // 4) if len(runs) > 1 else 0
+    fig = _new_figure(4.0 * cols, 2.8 * rows + 0.3 * legend_rows)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (name, lines) in zip(axes, panels.items()):
+        for run, (xs, ys) in lines.items():
+            x, y = _as_array(xs), _as_array(ys)  # (P,), (P,)
+            if x.shape != y.shape or x.ndim != 1:
+                raise ValueError(
+                    f"run {run!r} in panel {name!r}: {x.size} x values, {y.size} y values"
+                )
+            ax.plot(x, y, color=colors[run], linewidth=1.0)
+        if log_y and all((_as_array(ys) > 0).all() for _, ys in lines.values()):
+            ax.set_yscale("log")
+        ax.set_title(name)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    if legend_rows:
+        handles = [Line2D([], [], color=colors[run]) for run in runs]
+        fig.legend(handles, runs, loc="outside lower center", ncols=4, fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return _save_atomic(fig, path, dpi=110)

@@ -152,6 +152,8 @@ def test_report_sums_confusions_over_seeds_and_plots_accuracy_against_size(tmp_p
         m = {"test_task_acc": 1.0, "acc_c": acc, "acc_c_matched": 1.0, "concept_map": [0, 1]}
         (folder / "metrics.json").write_text(json.dumps(m))
         (folder / "confusion_digit_net.json").write_text(json.dumps([[2, 0], [1, 1]]))
+        if t.method == "dpl":  # a step log for dpl's trials only
+            (folder / "log.jsonl").write_text('{"step": 1, "logic": 2.0}\n')
     summary = write_report(cfg, {"n_maps": 3, "n_bijections": 1})
     assert "6 of 8 trials finished" in summary
     assert "3 deterministic concept maps fit the training data, 1 of them bijections" in summary
@@ -159,6 +161,9 @@ def test_report_sums_confusions_over_seeds_and_plots_accuracy_against_size(tmp_p
                  "confusion_dpl_n20.png", "confusion_gedi_n10.png"]:  # fmt: skip
         assert (tmp_path / "b" / name).is_file(), name
     assert not (tmp_path / "b" / "confusion_gedi_n20.png").exists()
+    assert sorted(p.name for p in (tmp_path / "b").glob("curves_*")) == [
+        "curves_dpl_n10.png", "curves_dpl_n20.png"]  # fmt: skip
+    assert "[curves_dpl_n10.png](curves_dpl_n10.png)" in summary
     assert "| dpl | 20 | 2 | 1.000 ± 0.000 | 0.900 ± 0.000 |" in summary
 
 

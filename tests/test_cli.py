@@ -20,7 +20,8 @@ SMOKE = str(ROOT / "configs/smoke.yaml")
 def test_gedi_smoke_run_writes_the_run_folder(tmp_path, capsys):
     assert main(["gedi", SMOKE, "--set", f"out_dir={tmp_path}", "--no-progress"]) == 0
     run = tmp_path / "smoke"
-    for name in ["config.yaml", "metrics.json", "log.jsonl", "checkpoint.pt", "samples.png"]:
+    for name in ["config.yaml", "metrics.json", "log.jsonl", "checkpoint.pt", "samples.png",
+                 "curves.png"]:  # fmt: skip
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 3

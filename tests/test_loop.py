@@ -94,6 +94,7 @@ def test_fit_validates_stops_early_and_restores_the_best_state(tmp_path):
     assert [row["step"] for row in log] == [1, 2, 3, 4]  # every step validated: every step logged
     assert [row["val_acc"] for row in log] == [0.2, 0.5, 0.4, 0.3] and log[2]["third"] == 3
     assert {"lr", "things_per_s", "total"} <= set(log[0])
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn at the end
     saved = load_checkpoint(tmp_path / "checkpoint.pt")  # written when it stopped
     assert saved["trainer"]["step"] == 4 and saved["hooks"] == [{"calls": 4}]
     assert saved["fit"]["stopped_early"] and saved["fit"]["best_val"] == 0.5

@@ -29,8 +29,8 @@ from gedi_nesy.errors import ConfigError, DataError, StorageError, TrainingError
 from gedi_nesy.gedi.sgld import sgld_sample
 from gedi_nesy.schema import load_config, to_dict
 from gedi_nesy.train.checkpoint import STRUCTURE, load_checkpoint, read_checkpoint, rng_state
-from gedi_nesy.train.loop import StepLog
 from gedi_nesy.train.runtime import atomic_write_text, make_run_dir, save_checkpoint
+from gedi_nesy.train.steplog import StepLog
 
 # --------------------------------------------------------------------------- checkpoints
 

@@ -9,6 +9,8 @@ Next to the trials, in ``<out_dir>/<name>/``:
   ``train_min_usage_c``, which reads no label, see ``docs/metrics.md``), and gives below every
   restart as its own run;
 - ``confusion_<method>[_<size>].png``: the concept confusion matrix summed over seeds;
+- ``curves_<method>[_<size>].png``: every finished trial's logged values against the step, one
+  line per seed (and restart);
 - ``concept_acc_vs_size.png``: raw and matched Acc(C) against the data size (with >= 2 sizes).
 """
 
@@ -36,6 +38,7 @@ from gedi_nesy.bench.plan import (
 from gedi_nesy.plots import save_confusion_png, save_panels_png
 from gedi_nesy.shortcuts.metrics import rs_rate
 from gedi_nesy.train.runtime import atomic_write_text
+from gedi_nesy.train.steplog import save_log_curves
 
 
 def load_results(cfg: BenchConfig) -> list[tuple[Trial, dict[str, Any]]]:
@@ -177,6 +180,21 @@ def _confusions(cfg: BenchConfig, rows: Sequence[tuple[Trial, dict[str, Any]]]) 
     return written
 
 
+def _curves(cfg: BenchConfig, rows: Sequence[tuple[Trial, dict[str, Any]]]) -> list[str]:
+    """Each (method, size)'s training curves, one line per finished trial with a step log."""
+    groups: dict[tuple[str, int | None], list[Any]] = {}
+    for trial, _ in rows:
+        log = trial_dir(cfg, trial) / "log.jsonl"
+        if log.is_file():
+            groups.setdefault((trial.method, trial.size), []).append(log)
+    written = []
+    for (method, size), logs in groups.items():
+        name = f"curves_{method}" + ("" if size is None else f"_n{size}") + ".png"
+        save_log_curves(logs, bench_dir(cfg) / name)
+        written.append(name)
+    return written
+
+
 def _size_plot(cfg: BenchConfig, rows: Sequence[tuple[Trial, dict[str, Any]]]) -> str | None:
     """Raw and matched Acc(C) per method against size, mean ± std over seeds; None: < 2 sizes."""
     sizes = sorted({t.size for t, _ in rows if t.size is not None})
@@ -206,7 +224,8 @@ def _size_plot(cfg: BenchConfig, rows: Sequence[tuple[Trial, dict[str, Any]]]) -
 
 
 def write_report(cfg: BenchConfig, audit: Mapping[str, Any] | None = None) -> str:
-    """Write results.csv, summary.md, the confusion PNGs and the size plot; return summary.md.
+    """Write results.csv, summary.md, the confusion and curve PNGs and the size plot; return
+    summary.md.
 
     Args:
         cfg: the bench config.
@@ -236,7 +255,7 @@ def write_report(cfg: BenchConfig, audit: Mapping[str, Any] | None = None) -> st
         text.append(summary_table(kept, cfg.columns))
         text.append("Every restart as its own run (no selection):\n")
         text.append(summary_table(rows, cfg.columns))
-    pictures = _confusions(cfg, kept)
+    pictures = _confusions(cfg, kept) + _curves(cfg, rows)
     plot = _size_plot(cfg, kept)
     if plot is not None:
         pictures.insert(0, plot)

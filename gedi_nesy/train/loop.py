@@ -5,14 +5,14 @@
 steps ``optim.epochs`` and ``optim.max_steps`` give. It owns what every run shares: the data order
 (a function of the step), the learning-rate schedule, validation with early stopping and
 best-model keeping (when given a :class:`Validation`), hooks after each step (the joint run's
-relabelling), the JSONL step log, the progress bar, atomic checkpoints and bit-identical resume.
+relabelling), the JSONL step log (:mod:`gedi_nesy.train.steplog`) and its curves, the progress
+bar, atomic checkpoints and bit-identical resume.
 Standalone GEDI (:mod:`gedi_nesy.train.standalone`) and joint training
 (:mod:`gedi_nesy.train.run`) differ only in what they hand it.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -35,7 +35,8 @@ from gedi_nesy.train.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from gedi_nesy.train.runtime import atomic_write_text, save_checkpoint
+from gedi_nesy.train.runtime import save_checkpoint
+from gedi_nesy.train.steplog import StepLog
 
 if TYPE_CHECKING:
     from gedi_nesy.config import GediRunConfig, NesyRunConfig
@@ -129,52 +130,6 @@ def backward_step(
     if grad_clip > 0:
         nn.utils.clip_grad_norm_(list(params), grad_clip)
     optimizer.step()
-
-
-class StepLog:
-    """Append-only JSONL log of per-step values; on resume, lines past the resumed step are dropped.
-
-    The kept lines are rewritten atomically. A torn last line (a kill during its append, so
-    past the checkpoint) is dropped; a damaged line before it is an error.
-
-    Args:
-        path: the ``.jsonl`` file.
-        resume_step: keep only lines with ``step <= resume_step``, the steps the checkpoint holds
-            (None: start a new file).
-
-    Raises:
-        TrainingError: a line other than the last is not a JSON object with a ``step``.
-    """
-
-    def __init__(self, path: Path, resume_step: int | None = None) -> None:
-        self.path = Path(path)
-        kept = []
-        if resume_step is not None and self.path.exists():
-            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-            for i, line in enumerate(lines):
-                step = _logged_step(line)
-                if step is None and i < len(lines) - 1:
-                    raise TrainingError(
-                        f"{self.path} line {i + 1} is damaged (not a JSON row with a step); "
-                        "delete the line, or the run folder to start over"
-                    )
-                if step is not None and step <= resume_step:
-                    kept.append(line)
-        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
-
-    def write(self, row: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-def _logged_step(line: str) -> int | None:
-    """The ``step`` of a log line; None when the line is not a JSON object with an int step."""
-    try:
-        row = json.loads(line)
-    except ValueError:
-        return None
-    step = row.get("step") if isinstance(row, dict) else None
-    return step if isinstance(step, int) else None
 
 
 class Trainer(Protocol):
@@ -313,7 +268,7 @@ def fit(
         batches: the training data.
         cfg: the run config: ``optim`` drives the loop, ``name`` labels the progress bar; the
             whole config goes into each checkpoint and must match it on resume.
-        run_dir: where ``log.jsonl`` and ``checkpoint.pt`` go.
+        run_dir: where ``log.jsonl``, ``checkpoint.pt`` and, at the end, ``curves.png`` go.
         validation: validation with early stopping and best-model keeping; None: none.
         hooks: called after each step, in order.
         resume: continue from ``run_dir/checkpoint.pt``, bit-identical to a run never stopped.
@@ -324,8 +279,7 @@ def fit(
     """
     o, ckpt = cfg.optim, Path(run_dir) / "checkpoint.pt"
     total = total_steps(o, batches.size)
-    factor = partial(lr_factor, schedule=o.schedule, warmup_steps=o.warmup_steps,
-                     total_steps=total)  # fmt: skip
+    factor = partial(lr_factor, schedule=o.schedule, warmup_steps=o.warmup_steps, total_steps=total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, factor)
     record = FitRecord()
     if resume:
@@ -352,6 +306,7 @@ def fit(
             save_checkpoint(ckpt, _checkpoint(cfg, trainer, scheduler, record, hooks))
     bar.close()
     seconds = time.perf_counter() - start
+    log.save_curves(Path(run_dir) / "curves.png")
     if validation is not None:
         record.restore_best(validation.nets)
     return FitResult(trainer.step, first, seconds, record.best_val, record.stopped_early)
