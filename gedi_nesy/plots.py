@@ -252,7 +252,8 @@ def save_curves_png(
     colors = {run: palette(i % palette.N) for i, run in enumerate(runs)}
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
-    legend_rows = -(-len(runs) // 4) if len(runs) > 1 else 0
+    legend_cols = min(len(runs), 2 * cols)  # about two run names fit under a panel
+    legend_rows = -(-len(runs) // legend_cols) if len(runs) > 1 else 0
     fig = _new_figure(4.0 * cols, 2.8 * rows + 0.3 * legend_rows)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, (name, lines) in zip(axes, panels.items()):
@@ -272,7 +273,7 @@ def save_curves_png(
         ax.set_visible(False)
     if legend_rows:
         handles = [Line2D([], [], color=colors[run]) for run in runs]
-        fig.legend(handles, runs, loc="outside lower center", ncols=4, fontsize="small")
+        fig.legend(handles, runs, loc="outside lower center", ncols=legend_cols, fontsize="small")
     if title:
         fig.suptitle(title)
     return _save_atomic(fig, path, dpi=110)
