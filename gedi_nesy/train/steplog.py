@@ -37,15 +37,7 @@ class StepLog:
         kept = []
         if resume_step is not None and self.path.exists():
             lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-            for i, line in enumerate(lines):
-                step = _logged_step(line)
-                if step is None and i < len(lines) - 1:
-                    raise TrainingError(
-                        f"{self.path} line {i + 1} is damaged (not a JSON row with a step); "
-                        "delete the line, or the run folder to start over"
-                    )
-                if step is not None and step <= resume_step:
-                    kept.append(line)
+            kept = [line for line, row in _parsed(lines, self.path) if row["step"] <= resume_step]
         atomic_write_text(self.path, "".join(k + "\n" for k in kept))
 
     def write(self, row: dict[str, Any]) -> None:
@@ -53,19 +45,34 @@ class StepLog:
             f.write(json.dumps(row) + "\n")
 
     def save_curves(self, path: str | os.PathLike[str]) -> Path | None:
-        """Draws the logged values (:func:`save_log_curves`) to ``path``; None, and nothing
-        written, while no step is logged."""
-        return save_log_curves([self.path], path) if read_log(self.path) else None
+        """Draws the logged values (:func:`gedi_nesy.plots.save_curves_png`) to ``path``; None,
+        and nothing written, while no step is logged."""
+        rows = read_log(self.path)
+        return save_curves_png(log_curves({self.path.parent.name: rows}), path) if rows else None
 
 
-def _logged_step(line: str) -> int | None:
-    """The ``step`` of a log line; None when the line is not a JSON object with an int step."""
-    try:
-        row = json.loads(line)
-    except ValueError:
-        return None
-    step = row.get("step") if isinstance(row, dict) else None
-    return step if isinstance(step, int) else None
+def _parsed(lines: Sequence[str], file: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, row) of each log line that is a JSON object with an int ``step``; a torn last line
+    is left out.
+
+    Raises:
+        TrainingError: a line other than the last is not a JSON object with a ``step``.
+    """
+    parsed = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            if i < len(lines) - 1:
+                raise TrainingError(
+                    f"{file} line {i + 1} is damaged (not a JSON row with a step); "
+                    "delete the line, or the run folder to start over"
+                )
+            continue
+        parsed.append((line, row))
+    return parsed
 
 
 def read_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -87,14 +94,7 @@ def read_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             f"cannot read the step log {file} ({exc.strerror or exc}); give a run folder or its "
             "log.jsonl"
         ) from None
-    rows = []
-    for i, line in enumerate(lines):
-        if _logged_step(line) is None:
-            if i < len(lines) - 1:
-                raise TrainingError(f"{file} line {i + 1} is damaged (not a JSON row with a step)")
-            continue
-        rows.append(json.loads(line))
-    return rows
+    return [row for _, row in _parsed(lines, file)]
 
 
 def _numeric(value: Any) -> bool:
